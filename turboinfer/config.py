@@ -1,0 +1,206 @@
+"""Typed configuration. Every user-facing knob lives in one dataclass here; the CLI flags are generated
+from these fields (see `add_cli_args` / `from_cli_args`), so the flag, the Python keyword and the
+validation are one thing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+from turboinfer.errors import InvalidRequestError, UnsupportedModelError
+
+# Architectures served by models/llama.py, and what each implies beyond the config numbers.
+LLAMA_FAMILY = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The numbers a model file needs, normalised from an HF config.json (any transformers version)
+    or from GGUF metadata (loader/gguf_file.py produces an HF-style dict first)."""
+
+    architecture: str  # HF class name, e.g. "LlamaForCausalLM"; selects the model file
+    model_type: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # == num_heads: MHA; 1: MQA; otherwise GQA
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # HF rope_scaling / rope_parameters minus rope_theta; None for plain RoPE
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None  # Mistral/Qwen window; None when every layer attends to the full context
+    hidden_act: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    torch_dtype: str  # dtype the checkpoint was saved in ("float32", "bfloat16", ...)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else {v: k for k, v in LLAMA_FAMILY.items()}.get(cfg.get("model_type", ""), "")
+        if arch not in LLAMA_FAMILY:
+            known = ", ".join(sorted(LLAMA_FAMILY))
+            raise UnsupportedModelError(
+                f"architecture {arch or cfg.get('model_type') or '<none>'!r} is not supported; supported: {known}"
+            )
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise UnsupportedModelError(f"model config lacks required field(s): {', '.join(missing)}")
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        # transformers >= 5 keeps rope settings in rope_parameters; older configs in rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling") or rope or None
+        if scaling is not None:
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            scaling["rope_type"] = kind
+            if kind == "default":
+                scaling = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        model_type = LLAMA_FAMILY[arch]
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        return cls(
+            architecture=arch,
+            model_type=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            sliding_window=int(window) if window else None,
+            hidden_act=cfg.get("hidden_act", "silu"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(dtype).replace("torch.", ""),
+        )
+
+
+def _flag(help: str, **kw) -> dict:
+    """Field metadata: the help text of the generated CLI flag (and extra argparse keywords)."""
+    return {"help": help, **kw}
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start. `LLM(**kwargs)` and the CLI both build one of these."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata=_flag(
+        "model: alias, local HF directory, .gguf file or hub id"))
+    dtype: str = field(default="auto", metadata=_flag(
+        "weight/activation dtype: auto|float32|bfloat16|float16 (auto: float32 on CPU, bfloat16 on CUDA)"))
+    device: str = field(default="auto", metadata=_flag("device: auto|cpu|cuda"))
+    max_model_len: int | None = field(default=None, metadata=_flag(
+        "longest prompt+completion in tokens (default: the model's context length, capped by KV memory)"))
+    max_num_seqs: int = field(default=64, metadata=_flag("most sequences decoded in one step"))
+    max_num_batched_tokens: int = field(default=512, metadata=_flag(
+        "token budget of one step; long prompts are prefilled in chunks of at most this"))
+    enable_chunked_prefill: bool = field(default=True, metadata=_flag(
+        "split long prompts across steps so decodes keep flowing"))
+    block_size: int = field(default=16, metadata=_flag("tokens per KV-cache block"))
+    kv_cache_memory: str = field(default="auto", metadata=_flag(
+        "KV-cache budget, e.g. 2GiB or 512MiB (auto: enough for max_num_seqs full contexts, at most 25%% "
+        "of free RAM on CPU / the rest of --gpu-memory-utilization on CUDA)"))
+    num_gpu_blocks_override: int | None = field(default=None, metadata=_flag(
+        "force the number of KV blocks (testing preemption)"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_flag("fraction of GPU memory to use"))
+    enable_prefix_caching: bool = field(default=True, metadata=_flag("reuse KV blocks of shared prompt prefixes"))
+    num_threads: int | None = field(default=None, metadata=_flag("CPU threads for torch (default: all cores)"))
+    seed: int = field(default=0, metadata=_flag("seed for requests that carry none"))
+    trust_remote_code: bool = field(default=False, metadata=_flag("accepted for vLLM compatibility; unused"))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidRequestError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise InvalidRequestError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidRequestError("--gpu-memory-utilization must be in (0, 1]")
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self, device: str):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def parse_memory(text: str) -> int:
+    """'2GiB' / '512MiB' / '1.5GB' / '1000000' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise InvalidRequestError(f"cannot read memory size {text!r}; write it like 2GiB or 512MiB")
+    return int(float(num) * units[unit])
+
+
+def add_cli_args(parser: argparse.ArgumentParser, cls=EngineConfig, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field: --max-num-seqs for max_num_seqs, booleans as --x / --no-x."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        typ = hints[f.name]
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        base = {int: int, float: float, str: str}.get(typ)
+        if base is None:  # Optional[int] etc.
+            args = getattr(typ, "__args__", ())
+            base = next((a for a in args if a in (int, float, str)), str)
+        parser.add_argument(flag, type=base, default=default, help=help_text + f" (default: {default})")
+
+
+def from_cli_args(args: argparse.Namespace, cls=EngineConfig, **overrides):
+    kwargs = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

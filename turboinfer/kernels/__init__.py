@@ -1,0 +1,16 @@
+"""The op table: one set of attention / KV-cache functions per backend, same names and signatures.
+
+`torch_ref` is plain PyTorch: the CPU path and the oracle the Triton kernels are tested against."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+
+def get_ops(backend: str = "torch") -> SimpleNamespace:
+    if backend == "torch":
+        from turboinfer.kernels.torch_ref import attention as mod
+    else:
+        raise ValueError(f"attention backend {backend!r} is not available; use 'torch'")
+    return SimpleNamespace(store_kv=mod.store_kv, prefill_attention=mod.prefill_attention,
+                           decode_attention=mod.decode_attention)

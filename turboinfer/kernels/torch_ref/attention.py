@@ -1,0 +1,79 @@
+"""Attention over the paged KV cache in plain PyTorch.
+
+Cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A sequence's
+token at position p lives in block block_table[p // block_size], row p % block_size. Grouped-query
+attention is computed by viewing the query heads as [num_kv_heads, group] so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] flat row ids
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    # -> [num_tokens, num_kv_heads, head_dim] for one sequence
+    bs = cache.shape[1]
+    blocks = block_table[: -(-num_tokens // bs)]
+    return cache[blocks].flatten(0, 1)[:num_tokens]
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_lens: list[int], seq_lens: list[int], scale: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention for chunks of new tokens whose K/V are already stored in the cache.
+
+    q: [sum(query_lens), num_heads, head_dim]; sequence i's queries sit at positions
+    seq_lens[i] - query_lens[i] .. seq_lens[i] - 1 and see keys 0 .. their own position.
+    """
+    out = torch.empty_like(q)
+    start = 0
+    for i, (q_len, kv_len) in enumerate(zip(query_lens, seq_lens)):
+        qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+        k = _gather(k_cache, block_tables[i], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        v = _gather(v_cache, block_tables[i], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        if q_len == kv_len and sliding_window is None:
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
+            k_pos = torch.arange(kv_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + q_len] = o[0].transpose(0, 1)
+        start += q_len
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, max_seq_len: int, scale: float,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """One new token per sequence, all sequences in one batched computation.
+
+    q: [batch, num_heads, head_dim]; seq_lens: [batch] tokens in the cache including the new one.
+    K/V are gathered padded to max_seq_len and the padding masked out.
+    """
+    batch, num_heads, head_dim = q.shape
+    bs, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-max_seq_len // bs)
+    tables = block_tables[:, :num_blocks]
+    # [batch, kv_heads, L, D] with L = num_blocks * block_size
+    k = k_cache[tables].flatten(1, 2).permute(0, 2, 1, 3).to(q.dtype)
+    v = v_cache[tables].flatten(1, 2).permute(0, 2, 1, 3).to(q.dtype)
+    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [batch, kv_heads, group, L]
+    k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+    masked = k_pos >= seq_lens[:, None]
+    if sliding_window is not None:
+        masked |= k_pos <= (seq_lens[:, None] - 1 - sliding_window)
+    scores.masked_fill_(masked[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).view(batch, num_heads, head_dim)

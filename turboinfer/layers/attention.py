@@ -1,0 +1,40 @@
+"""The attention layer: writes this step's K/V into the paged cache, then attends through the op table.
+Tokens arrive flattened: the first `num_decode_tokens` are single-token decodes, the rest prefill chunks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from turboinfer.runner.attention_metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        # Set by the model runner once the KV pool is allocated: [num_blocks, block_size, kv_heads, head_dim]
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        ops = meta.ops
+        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == q.shape[0]:
+            return ops.decode_attention(q, self.k_cache, self.v_cache, meta.decode_block_tables,
+                                        meta.decode_seq_lens, meta.decode_max_seq_len, self.scale,
+                                        self.sliding_window)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = ops.decode_attention(q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables,
+                                            meta.decode_seq_lens, meta.decode_max_seq_len, self.scale,
+                                            self.sliding_window)
+        out[nd:] = ops.prefill_attention(q[nd:], self.k_cache, self.v_cache, meta.prefill_block_tables,
+                                         meta.prefill_query_lens, meta.prefill_seq_lens, self.scale,
+                                         self.sliding_window)
+        return out

@@ -1,0 +1,55 @@
+"""Linear layers whose weights load themselves. Merged layers (q|k|v, gate|up) take each checkpoint
+shard into its row range, so one matmul replaces three. How the matmul is done is the layer's
+`quant_method`: quantization swaps that object and leaves the model code alone."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turboinfer.errors import ModelLoadError
+
+
+class UnquantizedMethod:
+    """Plain dense weight; the default for float checkpoints and dequantized GGUF."""
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W stored [out_features, in_features] as in HF checkpoints.
+
+    `shard_sizes` names the row blocks of a merged layer, e.g. {"q": 576, "k": 192, "v": 192}; a plain
+    layer has a single unnamed shard.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[str | int, int] | int, bias: bool = False) -> None:
+        super().__init__()
+        self.shard_sizes = {None: shard_sizes} if isinstance(shard_sizes, int) else dict(shard_sizes)
+        self.in_features = in_features
+        self.out_features = sum(self.shard_sizes.values())
+        # No random init: every element is overwritten by the loader (checked by load_weights).
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.quant_method = UnquantizedMethod()
+
+    def shard_offset(self, shard: str | int | None) -> tuple[int, int]:
+        offset = 0
+        for name, size in self.shard_sizes.items():
+            if name == shard:
+                return offset, size
+            offset += size
+        raise KeyError(shard)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None = None) -> None:
+        offset, size = self.shard_offset(shard)
+        target = param.data.narrow(0, offset, size)
+        if tuple(loaded.shape) != tuple(target.shape):
+            raise ModelLoadError(f"weight shape {tuple(loaded.shape)} does not match the model's "
+                                 f"{tuple(target.shape)} (shard {shard}); is the config right for these weights?")
+        target.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)

@@ -1,0 +1,117 @@
+"""Logits -> next tokens, one row per sequence, each row with its own parameters.
+
+Order: penalties, min_tokens masking, then greedy rows take the argmax; the others are divided by their
+temperature, filtered by min_p, top_k and top_p, and sampled by the exponential race (argmax of p / E with
+E ~ Exp(1), equivalent to drawing from p). A row whose request has a seed draws E from its own generator,
+so its tokens do not depend on what else is in the batch. Logprobs are those of the raw model
+distribution (before penalties and temperature), as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turboinfer.engine.request import Request
+
+
+def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[Request]) -> None:
+    vocab = logits.shape[-1]
+    for i in rows:
+        req, p = reqs[i], reqs[i].params
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(req.all_token_ids, device=logits.device).clamp_(0, vocab - 1)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+            out = torch.tensor(req.output_token_ids, device=logits.device)
+            counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    # logits: [rows, vocab] already divided by temperature; returns them with excluded tokens at -inf
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p; the first is always kept
+        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[dict[int, tuple[float, int]]]:
+    """Per row: {token: (logprob, rank)} for the given token plus the k most likely ones."""
+    chosen = logprobs.gather(-1, token_ids[:, None])  # [rows, 1]
+    ranks = (logprobs > chosen).sum(-1) + 1
+    top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    out = []
+    chosen_l, ranks_l, ids_l = chosen[:, 0].tolist(), ranks.tolist(), token_ids.tolist()
+    for r in range(logprobs.shape[0]):
+        d = {}
+        if k:
+            for j, (t, v) in enumerate(zip(top_ids[r].tolist(), top_vals[r].tolist())):
+                d[t] = (v, j + 1)
+        d[ids_l[r]] = (chosen_l[r], ranks_l[r])
+        out.append(d)
+    return out
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]):
+        """logits: [num_seqs, vocab] float32. Returns (token ids, per-row logprob dicts or None)."""
+        n = logits.shape[0]
+        want_lp = [r.params.logprobs is not None for r in reqs]
+        raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
+        logits = logits.clone()
+        penalized = [i for i, r in enumerate(reqs) if r.params.has_penalties]
+        if penalized:
+            _penalize(logits, penalized, reqs)
+        for i, r in enumerate(reqs):
+            if r.num_output_tokens < r.params.min_tokens:
+                banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(r.eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+        tokens = logits.argmax(-1)
+        random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            sub = logits[idx]
+            ps = [reqs[i].params for i in random_rows]
+            temp = torch.tensor([p.temperature for p in ps], device=logits.device)
+            top_k = torch.tensor([p.top_k for p in ps], device=logits.device)
+            top_p = torch.tensor([p.top_p for p in ps], device=logits.device)
+            min_p = torch.tensor([p.min_p for p in ps], device=logits.device)
+            sub = _filter(sub / temp[:, None], top_k, top_p, min_p)
+            probs = sub.softmax(-1)
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(random_rows):
+                req = reqs[i]
+                if req.params.seed is not None and req.generator is None:
+                    req.generator = torch.Generator(device=logits.device).manual_seed(req.params.seed)
+                noise[j].exponential_(generator=req.generator or self.generator)
+            tokens[idx] = (probs / noise).argmax(-1)
+
+        logprobs = [None] * n
+        if raw_logprobs is not None:
+            rows = [i for i in range(n) if want_lp[i]]
+            k = max(reqs[i].params.logprobs for i in rows)
+            idx = torch.tensor(rows, device=logits.device)
+            dicts = top_logprobs(raw_logprobs[idx], tokens[idx], k)
+            for i, d in zip(rows, dicts):
+                want = reqs[i].params.logprobs
+                chosen = tokens[i].item()
+                logprobs[i] = {t: v for t, v in d.items() if t == chosen or v[1] <= want}
+        return tokens.tolist(), logprobs

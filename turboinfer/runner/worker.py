@@ -1,0 +1,97 @@
+"""Everything torch-side that starting an engine needs: device and dtype, the loaded model, the tokenizer,
+the KV pool size, and the model runner over that pool."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from turboinfer.config import EngineConfig, ModelArch, default_num_threads, parse_memory
+from turboinfer.errors import InvalidRequestError
+from turboinfer.loader.model_loader import load_arch, load_tokenizer, load_weights_into
+from turboinfer.loader.resolve import ResolvedModel, resolve_model
+from turboinfer.models.registry import build_model
+from turboinfer.runner.model_runner import ModelRunner
+
+logger = logging.getLogger("turboinfer")
+
+CPU_KV_DEFAULT = 2 * 2**30  # default CPU KV budget; raise with --kv-cache-memory
+
+
+def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype) -> int:
+    # K and V, every layer, every KV head: [num_blocks, block_size, kv_heads, head_dim] per layer
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def available_ram() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+@dataclass
+class Worker:
+    resolved: ResolvedModel
+    arch: ModelArch
+    tokenizer: object
+    runner: ModelRunner
+    num_blocks: int
+    max_model_len: int
+    device: str
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def create_worker(cfg: EngineConfig) -> Worker:
+    t0 = time.monotonic()
+    resolved = resolve_model(cfg.model)
+    arch = load_arch(resolved)
+    tokenizer = load_tokenizer(resolved)
+    device = cfg.resolved_device()
+    dtype = cfg.resolved_dtype(device)
+    if device == "cpu":
+        torch.set_num_threads(cfg.num_threads or default_num_threads())
+    if cfg.max_model_len is not None and cfg.max_model_len > arch.max_position_embeddings and not arch.rope_scaling:
+        raise InvalidRequestError(f"--max-model-len {cfg.max_model_len} exceeds the model's context length "
+                                  f"{arch.max_position_embeddings}")
+    max_len = cfg.max_model_len or arch.max_position_embeddings
+
+    per_token = kv_bytes_per_token(arch, dtype)
+    if cfg.num_gpu_blocks_override is not None:
+        num_blocks = cfg.num_gpu_blocks_override + 1
+    else:
+        if cfg.kv_cache_memory != "auto":
+            budget = parse_memory(cfg.kv_cache_memory)
+        elif device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free) - 2 * arch.vocab_size * 4 * 1024
+        else:
+            want = cfg.max_num_seqs * max_len * per_token
+            budget = min(want, CPU_KV_DEFAULT, available_ram() // 4)
+        num_blocks = budget // (per_token * cfg.block_size) + 1  # +1: the null block
+    capacity = (num_blocks - 1) * cfg.block_size
+    if num_blocks < 2:
+        raise InvalidRequestError("the KV-cache budget is smaller than one block; raise --kv-cache-memory")
+    if cfg.max_model_len is not None and cfg.max_model_len > capacity:
+        raise InvalidRequestError(f"--max-model-len {cfg.max_model_len} needs {cfg.max_model_len} KV tokens but the "
+                                  f"cache holds {capacity}; raise --kv-cache-memory or lower --max-model-len")
+    max_len = min(max_len, capacity)
+
+    with torch.device(device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = build_model(arch)
+        finally:
+            torch.set_default_dtype(prev)
+    load_weights_into(model, resolved, dtype)
+    model.eval()
+    runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, seed=cfg.seed)
+    return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0)
