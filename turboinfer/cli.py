@@ -63,8 +63,8 @@ def _make_llm(args):
 
 
 def cmd_generate(args) -> int:
+    params = sampling_from_args(args)  # bad sampling values fail before the model loads
     llm = _make_llm(args)
-    params = sampling_from_args(args)
     prompt = args.prompt
     if args.chat_template:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
@@ -79,8 +79,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llm = _make_llm(args)
     params = sampling_from_args(args)
+    llm = _make_llm(args)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

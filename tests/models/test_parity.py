@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from turboinfer import LLM, SamplingParams
-from turboinfer.engine.batch import ScheduledSeq
-from turboinfer.engine.request import Request
+from tiny_models import full_logits
 
 PROMPT_LENS = [3, 11, 29, 50]
 
@@ -18,19 +17,6 @@ PROMPT_LENS = [3, 11, 29, 50]
 def prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Full-sequence logits through the paged-cache path (one prefill of all tokens)."""
-    eng = llm.engine
-    req = Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), eng.max_model_len)
-    block_ids = eng.kv.allocate("probe", len(ids))
-    try:
-        input_ids, positions, meta = eng.runner._prepare([ScheduledSeq(req, 0, len(ids), block_ids, False, False)])
-        with torch.inference_mode():
-            return eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, meta)).float()
-    finally:
-        eng.kv.free("probe")
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -46,7 +32,7 @@ def test_logits_match_transformers(tiny_model):
     for ids in prompts(hf.config.vocab_size):
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].float()
-        ours = engine_logits(llm, ids)
+        ours = full_logits(llm, ids)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 

@@ -77,11 +77,18 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [max_position, head_dim // 2]
         self.register_buffer("cos", freqs.cos() * attn_factor, persistent=False)
         self.register_buffer("sin", freqs.sin() * attn_factor, persistent=False)
+        # Every layer shares this module: gather cos/sin once per step. Holding the positions tensor itself
+        # (not its id) guarantees a new step's tensor is never mistaken for the old one.
+        self._step_positions: torch.Tensor | None = None
+        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim // 2]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        if positions is not self._step_positions or self._step_cos_sin[0].dtype != q.dtype:
+            cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim // 2]
+            sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+            self._step_positions, self._step_cos_sin = positions, (cos, sin)
+        cos, sin = self._step_cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

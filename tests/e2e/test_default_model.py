@@ -1,0 +1,91 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) end to end: API, CLI, reference parity."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from turboinfer import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_path):
+    return LLM(default_model_path, max_model_len=1024, kv_cache_memory="128MiB")
+
+
+def test_capital_of_france(llm):
+    out = llm.generate("The capital of France is", GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].text.startswith(" Paris"), out.outputs[0].text
+
+
+def test_chat_template_reply(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_logits_match_transformers_gguf_loader(llm, default_model_path):
+    """transformers dequantizes the same GGUF with the gguf package; float32 logits must agree."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import full_logits
+
+    d, name = os.path.split(default_model_path)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    ids = llm.get_tokenizer().encode("Lighthouses guided ships along dangerous coasts for centuries, and")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    ours = full_logits(llm, ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def run_cli(*args, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "turboinfer", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_generate_streams_completion(default_model_path):
+    r = run_cli("generate", "The capital of France is", "--model", default_model_path, "--temperature", "0",
+                "--max-tokens", "6", "--kv-cache-memory", "64MiB")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" Paris")
+
+
+def test_cli_chat_multi_turn(default_model_path):
+    r = run_cli("chat", "--model", default_model_path, "--temperature", "0", "--max-tokens", "12",
+                "--kv-cache-memory", "64MiB", stdin="What is the capital of France?\n/reset\nSay hello.\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "conversation cleared" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model-xyz"], "no-such-model-xyz"),
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max-model-len", "8"], "max_model_len"),
+])
+def test_cli_bad_input_is_one_clear_line(default_model_path, args, message):
+    full = ["generate", "The capital of France is a city that many people visit every year."]
+    if "--model" not in args:
+        full += ["--model", default_model_path]
+    r = run_cli(*full, *args, "--kv-cache-memory", "64MiB")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], r.stderr
+
+
+def test_cli_corrupt_gguf(tmp_path, default_model_path):
+    bad = tmp_path / "broken.gguf"
+    with open(default_model_path, "rb") as f:
+        bad.write_bytes(f.read(1_000_000))  # truncated: header intact, tensor data missing
+    r = run_cli("generate", "hi", "--model", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr

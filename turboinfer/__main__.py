@@ -1,0 +1,5 @@
+import sys
+
+from turboinfer.cli import main
+
+sys.exit(main())
