@@ -115,7 +115,10 @@ class EngineConfig:
     model: str = field(default="smollm2-135m-instruct", metadata=_flag(
         "model: alias, local HF directory, .gguf file or hub id"))
     dtype: str = field(default="auto", metadata=_flag(
-        "weight/activation dtype: auto|float32|bfloat16|float16 (auto: float32 on CPU, bfloat16 on CUDA)"))
+        "weight/activation dtype: auto|float32|bfloat16|float16 (auto: bfloat16 on CUDA and on CPUs with native "
+        "bf16 (AVX512-BF16/AMX), else float32)"))
+    dequantize_gguf: bool = field(default=False, metadata=_flag(
+        "dequantize GGUF 4-bit weights to --dtype at load instead of computing from the packed blocks"))
     device: str = field(default="auto", metadata=_flag("device: auto|cpu|cuda"))
     max_model_len: int | None = field(default=None, metadata=_flag(
         "longest prompt+completion in tokens (default: the model's context length, capped by KV memory)"))
@@ -160,8 +163,18 @@ class EngineConfig:
         import torch
 
         if self.dtype == "auto":
-            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+            return torch.bfloat16 if device.startswith("cuda") or cpu_has_bf16() else torch.float32
         return getattr(torch, self.dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """bfloat16 matmuls are fast (2-4x float32) only where the CPU executes them natively."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def parse_memory(text: str) -> int:

@@ -34,6 +34,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
         self.quant_method = UnquantizedMethod()
+        self.pending_quantized: dict = {}  # shard -> quantized weight awaiting finalize_quantized
 
     def shard_offset(self, shard: str | int | None) -> tuple[int, int]:
         offset = 0
@@ -43,7 +44,15 @@ class Linear(nn.Module):
             offset += size
         raise KeyError(shard)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard: str | int | None = None) -> None:
+        if param is self.weight and not isinstance(loaded, torch.Tensor):
+            # A quantized shard (e.g. layers.quantization.q4.Q4Weight): kept aside until every shard of this
+            # layer is in, then `finalize_quantized` packs them into one quantized matrix.
+            expected = (self.shard_sizes[shard], self.in_features)
+            if tuple(loaded.shape) != expected:
+                raise ModelLoadError(f"weight shape {tuple(loaded.shape)} does not match the model's {expected}")
+            self.pending_quantized[shard] = loaded
+            return
         offset, size = self.shard_offset(shard)
         target = param.data.narrow(0, offset, size)
         if tuple(loaded.shape) != tuple(target.shape):
@@ -53,3 +62,23 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
+
+
+def finalize_quantized(model: nn.Module, device: torch.device) -> int:
+    """Swap in a quantized method for every Linear that received quantized shards; returns how many.
+    A layer must get all its shards in one format (a mix would need two matmuls)."""
+    from turboinfer.layers.quantization.q4 import Q4Weight, q4_method
+
+    count = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Linear) or not layer.pending_quantized:
+            continue
+        shards = [layer.pending_quantized.get(s) for s in layer.shard_sizes]
+        if any(not isinstance(w, Q4Weight) for w in shards):
+            raise ModelLoadError(f"{name}: all shards of a merged layer must share one quantization type")
+        merged = Q4Weight(*(torch.cat([getattr(w, f) for w in shards]) for f in ("q", "scale", "zero")))
+        layer.quant_method = q4_method(merged, device)
+        layer.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)  # dense copy not kept
+        layer.pending_quantized = {}
+        count += 1
+    return count

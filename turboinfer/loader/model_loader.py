@@ -61,14 +61,36 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read {path}: {e}") from None
 
 
-def load_weights_into(model: torch.nn.Module, resolved: ResolvedModel, dtype: torch.dtype) -> None:
-    if resolved.kind == "gguf":
-        from turboinfer.loader.gguf_file import GGUFFile
+def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
+    """GGUF parameters by HF name. With keep_packed, 4-bit linear weights come as Q4Weight (packed matmul);
+    everything else, and embeddings always, is dequantized to float32."""
+    from turboinfer.layers.quantization.q4 import Q4_TYPES, decompose_q4
+    from turboinfer.loader.gguf_file import GGUFFile
 
-        weights = GGUFFile(resolved.path).iter_tensors(torch.float32)
+    f = GGUFFile(path)
+    if not keep_packed:
+        yield from f.iter_tensors(torch.float32)
+        return
+    f.check_mapped()
+    for name in f.tensor_names():
+        qtype, raw, shape = f.raw_tensor(name)
+        if qtype in Q4_TYPES and name.endswith("proj.weight") and len(shape) == 2:
+            yield name, decompose_q4(qtype, raw, shape)
+        else:
+            yield name, f.get_tensor(name, torch.float32)
+
+
+def load_weights_into(model: torch.nn.Module, resolved: ResolvedModel, device: torch.device,
+                      keep_packed: bool = True) -> int:
+    """Load every parameter; returns the number of linear layers left quantized."""
+    from turboinfer.layers.linear import finalize_quantized
+
+    if resolved.kind == "gguf":
+        weights = iter_gguf(resolved.path, keep_packed and device.type == "cpu")
     else:
         weights = iter_safetensors(resolved.path)
-    model.load_weights((name, t) for name, t in weights)
+    model.load_weights(weights)
+    return finalize_quantized(model, device)
 
 
 def load_tokenizer(resolved: ResolvedModel):

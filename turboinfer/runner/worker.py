@@ -47,6 +47,7 @@ class Worker:
     device: str
     dtype: torch.dtype
     load_seconds: float
+    num_packed_layers: int  # linear layers computing from quantized weights
 
 
 def create_worker(cfg: EngineConfig) -> Worker:
@@ -91,7 +92,8 @@ def create_worker(cfg: EngineConfig) -> Worker:
             model = build_model(arch)
         finally:
             torch.set_default_dtype(prev)
-    load_weights_into(model, resolved, dtype)
+    num_packed = load_weights_into(model, resolved, torch.device(device), keep_packed=not cfg.dequantize_gguf)
     model.eval()
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, seed=cfg.seed)
-    return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0)
+    return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,
+                  num_packed)
