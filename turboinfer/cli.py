@@ -151,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     for name, module in (("estimate", "turboinfer.cli_estimate"),):
-        mod = __import__(module, fromlist=["add_parser"])
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ModuleNotFoundError:
+            continue
         mod.add_parser(sub)
         sub.choices[name].set_defaults(func=mod.run)
     return parser

@@ -31,7 +31,18 @@ def test_chat_template_reply(llm):
     assert out.outputs[0].finish_reason in ("stop", "length")
 
 
-def test_logits_match_transformers_gguf_loader(llm, default_model_path):
+@pytest.fixture(scope="module")
+def llm_f32(default_model_path):
+    return LLM(default_model_path, dtype="float32", dequantize_gguf=True, max_model_len=1024,
+               kv_cache_memory="64MiB")
+
+
+TEXT = ("Lighthouses guided ships along dangerous coasts for centuries. Their keepers trimmed the wicks, "
+        "wound the clockwork and polished the great lenses, night after night, until electricity made them "
+        "automatic.")
+
+
+def test_logits_match_transformers_gguf_loader(llm_f32, default_model_path):
     """transformers dequantizes the same GGUF with the gguf package; float32 logits must agree."""
     from transformers import AutoModelForCausalLM
 
@@ -39,11 +50,28 @@ def test_logits_match_transformers_gguf_loader(llm, default_model_path):
 
     d, name = os.path.split(default_model_path)
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    ids = llm.get_tokenizer().encode("Lighthouses guided ships along dangerous coasts for centuries, and")
+    ids = llm_f32.get_tokenizer().encode(TEXT)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
-    ours = full_logits(llm, ids)
+    ours = full_logits(llm_f32, ids)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_packed_path_tracks_dequantized_path(llm, llm_f32):
+    """Packed 4-bit weights with bfloat16 activations vs exact float32 dequantized weights: the weights are the
+    same numbers (the conversion is lossless), only activation rounding differs. Over the benchmark text the
+    perplexities must agree within 0.5% (mean log-likelihood within 0.005 nats) and the top token mostly."""
+    from tiny_models import full_logits
+
+    assert llm.engine.worker.num_packed_layers == 30 * 4  # qkv, o, gate_up, down in every layer
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data", "lighthouses.txt")).read()
+    ids = llm.get_tokenizer().encode(text)[:1000]
+    packed, exact = full_logits(llm, ids), full_logits(llm_f32, ids)
+    target = torch.tensor(ids[1:])[:, None]
+    lp_p = packed.log_softmax(-1)[:-1].gather(-1, target)
+    lp_e = exact.log_softmax(-1)[:-1].gather(-1, target)
+    assert abs((lp_p - lp_e).mean()) < 0.005
+    assert (packed.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
 
 
 def run_cli(*args, stdin: str | None = None, timeout: int = 300):

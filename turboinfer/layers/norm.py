@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,7 +18,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32:  # one fused op; same arithmetic as the reference in float32
+            out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        else:  # as HF: normalise in float32, round to the compute dtype, then scale
+            xf = x.float()
+            out = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return out if residual is None else (out, residual)

@@ -1,0 +1,328 @@
+"""One GGUF file: its metadata as an HF-style config, its tensors under HF parameter names.
+
+Parsing is `gguf.GGUFReader`'s (the format's reference reader); this file adds what a model loader needs:
+clear errors for files that are not usable, the llama.cpp -> HF renaming of config keys and tensor names,
+and undoing the one layout change llama.cpp's converter makes to weights (the q/k row permutation).
+
+Shapes: everything returned here is in torch/numpy order (outermost first), so a linear weight is
+`[out_features, in_features]` as in HF checkpoints. The GGUF header stores dimensions innermost first
+(`ReaderTensor.shape` is `[in_features, out_features]`); it is reversed once, in `_Entry`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from turboinfer.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from turboinfer.loader.gguf_dequant import BLOCK_SIZES, dequantize, type_name
+
+# GGUF general.architecture -> (HF class, HF model_type, q/k rows permuted by the converter).
+# llama.cpp's converter permutes q/k only in its LlamaModel class (which also converts Mistral checkpoints);
+# its Qwen2/Qwen3 classes write the checkpoint's rows as they are.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "mistral": ("MistralForCausalLM", "mistral", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+}
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_PER_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors that carry no parameter: llama.cpp's precomputed Llama-3 RoPE factors (read into rope_scaling).
+_NOT_PARAMETERS = {"rope_freqs.weight"}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for unknown names."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _PER_LAYER:
+        return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk_rows(x, num_heads: int):
+    """Undo llama.cpp's `LlamaModel.permute` on the rows of a q/k weight, bias or raw block matrix.
+
+    The converter reorders each head's rows from HF's rotate-half layout (pairs (i, i + head_dim/2)) to
+    ggml's interleaved one (pairs (2i, 2i+1)): rows viewed as [num_heads, 2, head_dim/2] are swapped to
+    [num_heads, head_dim/2, 2]. Rows are whole output features, so this works on numpy or torch arrays,
+    dequantized or still in quant blocks (blocks never cross rows)."""
+    rows = x.shape[0]
+    y = x.reshape(num_heads, rows // num_heads // 2, 2, *x.shape[1:]).swapaxes(1, 2)
+    return y.reshape(x.shape)
+
+
+def _f32(v) -> float:
+    """GGUF stores floats as float32; print them as the config.json value they came from (1e-05, not
+    9.999999747378752e-06). Same float32 either way, so computation is unaffected."""
+    return float(str(np.float32(v)))
+
+
+@dataclass
+class _Entry:
+    gguf_name: str
+    qtype: int
+    shape: tuple[int, ...]  # numpy order: reversed GGUF ne
+    tensor: Any  # gguf ReaderTensor
+
+
+def _field_value(f) -> Any:
+    if hasattr(f, "contents"):  # gguf >= 0.11
+        return f.contents()
+    from gguf import GGUFValueType  # older readers: decode the raw parts ourselves
+
+    def one(part):
+        return bytes(part).decode("utf-8") if f.types[-1] == GGUFValueType.STRING else part.tolist()[0]
+
+    values = [one(f.parts[i]) for i in f.data]
+    return values if f.types[0] == GGUFValueType.ARRAY else values[0]
+
+
+# GGUFReader takes seconds on big vocabularies; model loading opens the same file for config, tokenizer
+# and weights, so parsed readers are kept (keyed by identity of the file on disk; memmaps cost no RAM).
+_READERS: "OrderedDict[tuple, Any]" = OrderedDict()
+_MAX_READERS = 2
+
+
+def _open_reader(path: str):
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _READERS:
+        _READERS.move_to_end(key)
+        return _READERS[key], st.st_size
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad or cut files
+        detail = " ".join(str(e).split())  # one line: the CLI prints errors as a single line
+        raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt or truncated?): "
+                             f"{type(e).__name__}: {detail}") from None
+    _READERS[key] = reader
+    while len(_READERS) > _MAX_READERS:
+        _READERS.popitem(last=False)
+    return reader, st.st_size
+
+
+class GGUFFile:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ModelNotFoundError(f"GGUF file {self.path} does not exist")
+        self._reader, file_size = _open_reader(self.path)
+        self._metadata: dict[str, Any] | None = None
+        self._entries: dict[str, _Entry] = {}  # hf name -> entry
+        self._unmapped: list[str] = []
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > file_size:
+                raise ModelLoadError(f"{self.path} is truncated: tensor {t.name} ends at byte {end} but the file "
+                                     f"has {file_size}")
+            entry = _Entry(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist())), t)
+            hf = gguf_to_hf_name(t.name)
+            if hf is not None:
+                self._entries[hf] = entry
+            elif t.name not in _NOT_PARAMETERS:
+                self._unmapped.append(t.name)
+        self._gguf_names = {t.name for t in self._reader.tensors}
+
+    # ---- metadata -----------------------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Every key/value of the file as plain Python values (str, int, float, bool, lists of those)."""
+        if self._metadata is None:
+            self._metadata = {k: _field_value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
+        return self._metadata
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def tokenizer_metadata(self) -> dict[str, Any]:
+        return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
+
+    def _arch_entry(self) -> tuple[str, str, bool]:
+        arch = self.architecture
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(f"GGUF architecture {arch or '<missing>'!r} in {self.path} is not supported "
+                                        f"(supported: {', '.join(ARCHITECTURES)})")
+        # llama.cpp converts Mistral as "llama"; only the model name tells (transformers reads it the same way)
+        if arch == "llama" and "mistral" in str(self.metadata.get("general.name", "")).lower():
+            return ARCHITECTURES["mistral"]
+        return ARCHITECTURES[arch]
+
+    def _uniform(self, key: str, default=None):
+        """A per-model number that some files store per layer (an array); this engine needs it uniform."""
+        v = self.metadata.get(f"{self.architecture}.{key}", default)
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise UnsupportedModelError(f"{self.path}: per-layer {key} values {sorted(set(v))} are not supported")
+            v = v[0]
+        return v
+
+    def hf_config(self) -> dict[str, Any]:
+        """The file's hyperparameters as an HF `config.json`-style dict (what `ModelArch.from_hf_config` reads)."""
+        hf_class, model_type, _ = self._arch_entry()
+        md = self.metadata
+        missing = [k for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
+                   if f"{self.architecture}.{k}" not in md]
+        if missing or "model.embed_tokens.weight" not in self._entries:
+            what = ", ".join(f"{self.architecture}.{k}" for k in missing) or "token_embd.weight"
+            raise ModelLoadError(f"{self.path} lacks {what}")
+        hidden = int(self._uniform("embedding_length"))
+        num_heads = int(self._uniform("attention.head_count"))
+        head_dim = int(self._uniform("attention.key_length", hidden // num_heads))
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        eot = md.get("tokenizer.ggml.eot_token_id")
+        if eos is not None and eot is not None and eot != eos:
+            eos = [eos, eot]  # chat models end a turn with EOT; either one stops generation
+        return {
+            "architectures": [hf_class],
+            "model_type": model_type,
+            "vocab_size": self._entries["model.embed_tokens.weight"].shape[0],
+            "hidden_size": hidden,
+            "intermediate_size": int(self._uniform("feed_forward_length")),
+            "num_hidden_layers": int(self._uniform("block_count")),
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": int(self._uniform("attention.head_count_kv", num_heads)),
+            "head_dim": head_dim,
+            "rms_norm_eps": _f32(self._uniform("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": _f32(self._uniform("rope.freq_base", 10000.0)),
+            "rope_scaling": self._rope_scaling(head_dim),
+            "max_position_embeddings": int(self._uniform("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in self._gguf_names,
+            "attention_bias": "blk.0.attn_q.bias" in self._gguf_names,
+            "hidden_act": "silu",
+            "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": eos,
+            "torch_dtype": self._torch_dtype(),
+        }
+
+    def _rope_scaling(self, head_dim: int) -> dict | None:
+        kind = self._uniform("rope.scaling.type")
+        factor = self._uniform("rope.scaling.factor")
+        if kind == "linear" and factor:
+            return {"rope_type": "linear", "factor": _f32(factor)}
+        if kind == "yarn" and factor:
+            s = {"rope_type": "yarn", "factor": _f32(factor)}
+            for gguf_key, hf_key in (("rope.scaling.original_context_length", "original_max_position_embeddings"),
+                                     ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                                     ("rope.scaling.yarn_beta_slow", "beta_slow")):
+                if (v := self._uniform(gguf_key)) is not None:
+                    s[hf_key] = _f32(v) if isinstance(v, float) else v
+            return s
+        if kind not in (None, "none", "linear", "yarn"):
+            raise UnsupportedModelError(f"{self.path}: RoPE scaling type {kind!r} is not supported")
+        if "rope_freqs.weight" in self._gguf_names:
+            return self._llama3_scaling(head_dim)
+        return None
+
+    def _llama3_scaling(self, head_dim: int) -> dict:
+        """Llama 3.1+ files carry no rope_scaling keys; the converter bakes the factors into a `rope_freqs`
+        tensor [head_dim/2] (each frequency is divided by its factor). Recover HF's llama3 parameters: the
+        largest factor is `factor`; the band edges are checked against the values every Llama 3.x release
+        uses (low 1, high 4, original context 8192) by recomputing the factors the converter's way."""
+        t = next(t for t in self._reader.tensors if t.name == "rope_freqs.weight")
+        got = dequantize(t.data, int(t.tensor_type), (int(t.n_elements),)).double()
+        theta = float(self._uniform("rope.freq_base", 10000.0))
+        factor, low, high, old = _f32(got.max().item()), 1.0, 4.0, 8192
+        wavelen = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        smooth = (old / wavelen - low) / (high - low)
+        want = torch.where(wavelen < old / high, 1.0,
+                           torch.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4):
+            raise UnsupportedModelError(f"{self.path}: its rope_freqs tensor does not match Llama-3 RoPE scaling")
+        s = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+             "original_max_position_embeddings": old}
+        return s
+
+    def _torch_dtype(self) -> str:
+        # general.file_type is llama.cpp's LLAMA_FTYPE: 0 all F32, 1 mostly F16, 32 mostly BF16; quantized
+        # files keep their block scales in fp16, the closest match among torch dtypes.
+        return {0: "float32", 1: "float16", 32: "bfloat16"}.get(self.metadata.get("general.file_type"), "float16")
+
+    # ---- tensors ------------------------------------------------------------------------------------------
+
+    def tensor_names(self) -> list[str]:
+        """HF names of the file's parameters, in file order."""
+        return list(self._entries)
+
+    def check_mapped(self) -> None:
+        self._arch_entry()
+        if self._unmapped:
+            raise UnsupportedModelError(f"{self.path}: tensor(s) {', '.join(self._unmapped[:5])} have no "
+                                        f"equivalent in the {self.architecture} model")
+
+    def _qk_heads(self, hf_name: str) -> int | None:
+        """Head count to un-permute this tensor's rows with, or None when it is stored as HF stores it."""
+        _, _, permuted = self._arch_entry()
+        if not permuted:
+            return None
+        if ".self_attn.q_proj." in hf_name:
+            return int(self._uniform("attention.head_count"))
+        if ".self_attn.k_proj." in hf_name:
+            return int(self._uniform("attention.head_count_kv", self._uniform("attention.head_count")))
+        return None
+
+    def _entry(self, hf_name: str) -> _Entry:
+        try:
+            return self._entries[hf_name]
+        except KeyError:
+            raise KeyError(f"{self.path} has no tensor {hf_name!r}") from None
+
+    def raw_tensor(self, hf_name: str) -> tuple[int, np.ndarray, tuple[int, ...]]:
+        """(ggml type id, bytes as stored [*shape[:-1], bytes_per_row] uint8, numpy-order shape) without
+        dequantizing. q/k rows of Llama files are already un-permuted (a copy); otherwise the array is a
+        read-only view of the file."""
+        e = self._entry(hf_name)
+        elems, nbytes = BLOCK_SIZES.get(e.qtype, (None, None))
+        if elems is None:
+            raise UnsupportedModelError(f"{self.path}: tensor {e.gguf_name} has unsupported type {type_name(e.qtype)}")
+        raw = np.asarray(e.tensor.data).reshape(-1).view(np.uint8)
+        raw = raw.reshape(*e.shape[:-1], e.shape[-1] // elems * nbytes)
+        heads = self._qk_heads(hf_name)
+        if heads is not None:
+            raw = np.ascontiguousarray(unpermute_qk_rows(raw, heads))
+        return e.qtype, raw, e.shape
+
+    def get_tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        e = self._entry(hf_name)
+        t = dequantize(e.tensor.data, e.qtype, e.shape)
+        heads = self._qk_heads(hf_name)
+        if heads is not None:
+            t = unpermute_qk_rows(t, heads).contiguous()
+        return t.to(dtype)
+
+    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, dequantized tensor in HF layout) for every parameter, one at a time."""
+        self.check_mapped()
+        for hf_name in self._entries:
+            yield hf_name, self.get_tensor(hf_name, dtype)
