@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list model aliases and cached models")
     p.set_defaults(func=cmd_models)
 
-    for name, module in (("estimate", "turboinfer.cli_estimate"),):
+    # Subcommands that live with their feature: each module has add_parser(subparsers) and run(args) -> int.
+    for name, module in (("estimate", "turboinfer.cli_estimate"), ("serve", "turboinfer.server.cli"),
+                         ("bench", "turboinfer.bench.cli")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError:
