@@ -14,13 +14,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        # Statistics in float32 whatever the compute dtype, as the HF reference does.
         if residual is not None:
             x = x + residual
             residual = x
-        if x.dtype == torch.float32:  # one fused op; same arithmetic as the reference in float32
-            out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        else:  # as HF: normalise in float32, round to the compute dtype, then scale
-            xf = x.float()
-            out = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # One fused op (statistics in float32 for reduced-precision inputs). In float32 it is the reference's
+        # arithmetic; in bf16 it rounds once at the end where HF rounds before the weight multiply.
+        out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return out if residual is None else (out, residual)

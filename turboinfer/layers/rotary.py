@@ -82,14 +82,14 @@ class RotaryEmbedding(nn.Module):
         self._step_positions: torch.Tensor | None = None
         self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        if positions is not self._step_positions or self._step_cos_sin[0].dtype != q.dtype:
-            cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim // 2]
-            sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, num_heads, head_dim]; q and k heads can go through together in one call
+        if positions is not self._step_positions or self._step_cos_sin[0].dtype != x.dtype:
+            cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [num_tokens, 1, head_dim // 2]
+            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
             self._step_positions, self._step_cos_sin = positions, (cos, sin)
         cos, sin = self._step_cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -42,18 +42,16 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
                               arch.sliding_window)
-        self.splits = [q_size, kv_size, kv_size]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        n, nh, nkv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(n, nh + 2 * nkv, self.head_dim)  # heads: q | k | v
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v, meta)  # [n, num_heads, head_dim]
+            qk = torch.cat([self.q_norm(qkv[:, :nh]), self.k_norm(qkv[:, nh:nh + nkv])], dim=1)
+        else:
+            qk = qkv[:, :nh + nkv]
+        qk = self.rotary(positions, qk)  # q and k heads rotated in one pass
+        o = self.attn(qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:], meta)  # [n, num_heads, head_dim]
         return self.o_proj(o.reshape(n, -1))
 
 

@@ -62,20 +62,35 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     K/V are gathered padded to max_seq_len and the padding masked out.
     """
     batch, num_heads, head_dim = q.shape
-    bs, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_blocks = -(-max_seq_len // bs)
-    tables = block_tables[:, :num_blocks]
-    # [batch, kv_heads, L, D] with L = num_blocks * block_size. The math runs in float32: on CPUs the small
+    num_kv_heads = k_cache.shape[2]
+    flat, mask = _decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], sliding_window)
+    # [batch, kv_heads, L, D] with L = a whole number of blocks. The math runs in float32: on CPUs the small
     # batched matmuls of decode are ~2x faster in float32 than in bfloat16, and it is the reference anyway.
-    flat = tables.reshape(-1)
     k = k_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2).float()
     v = v_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2).float()
-    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [batch, kv_heads, group, L]
-    k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
-    masked = k_pos >= seq_lens[:, None]
-    if sliding_window is not None:
-        masked |= k_pos <= (seq_lens[:, None] - 1 - sliding_window)
-    scores.masked_fill_(masked[:, None, None, :], float("-inf"))
+    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).add_(mask)  # [batch, kv_heads, group, L]
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).view(batch, num_heads, head_dim).to(q.dtype)
+
+
+_plan_key: tuple | None = None
+_plan: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _decode_plan(block_tables, seq_lens, max_seq_len, block_size, sliding_window):
+    """Flat block ids and the additive key mask [batch, 1, 1, L], computed once per step and shared by all
+    layers (the key holds the step's tensors themselves, so a later step can never match by accident)."""
+    global _plan_key, _plan
+    key = (block_tables, seq_lens, max_seq_len, block_size, sliding_window)
+    if _plan_key is None or any(a is not b for a, b in zip(key[:2], _plan_key[:2])) or key[2:] != _plan_key[2:]:
+        num_blocks = -(-max_seq_len // block_size)
+        flat = block_tables[:, :num_blocks].reshape(-1)
+        k_pos = torch.arange(num_blocks * block_size, device=seq_lens.device)[None, :]
+        masked = k_pos >= seq_lens[:, None]
+        if sliding_window is not None:
+            masked |= k_pos <= (seq_lens[:, None] - 1 - sliding_window)
+        mask = torch.zeros(masked.shape, dtype=torch.float32, device=seq_lens.device).masked_fill_(
+            masked, float("-inf"))[:, None, None, :]
+        _plan_key, _plan = key, (flat, mask)
+    return _plan
