@@ -128,6 +128,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = field(default=True, metadata=_flag(
         "split long prompts across steps so decodes keep flowing"))
     block_size: int = field(default=16, metadata=_flag("tokens per KV-cache block"))
+    kv_cache_dtype: str = field(default="auto", metadata=_flag(
+        "KV-cache storage: auto (the compute dtype) | int8 | fp8 (e4m3); int8/fp8 keep one float32 scale per "
+        "token and KV head and roughly double the tokens that fit"))
     kv_cache_memory: str = field(default="auto", metadata=_flag(
         "KV-cache budget, e.g. 2GiB or 512MiB (auto: enough for max_num_seqs full contexts, at most 25%% "
         "of free RAM on CPU / the rest of --gpu-memory-utilization on CUDA)"))
@@ -147,6 +150,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
+            raise InvalidRequestError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of auto, int8, fp8")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -19,22 +19,26 @@ class Attention(nn.Module):
         # Set by the model runner once the KV pool is allocated: [num_blocks, block_size, kv_heads, head_dim]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # int8 / fp8 caches only: [num_blocks, block_size, kv_heads] float32 per-token scales
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         ops = meta.ops
-        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **kv_scales)
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:
             return ops.decode_attention(q, self.k_cache, self.v_cache, meta.decode_block_tables,
                                         meta.decode_seq_lens, meta.decode_max_seq_len, self.scale,
-                                        self.sliding_window)
-        out = torch.empty_like(q)
+                                        self.sliding_window, **kv_scales)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
             out[:nd] = ops.decode_attention(q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables,
                                             meta.decode_seq_lens, meta.decode_max_seq_len, self.scale,
-                                            self.sliding_window)
+                                            self.sliding_window, **kv_scales)
         out[nd:] = ops.prefill_attention(q[nd:], self.k_cache, self.v_cache, meta.prefill_block_tables,
                                          meta.prefill_query_lens, meta.prefill_seq_lens, self.scale,
-                                         self.sliding_window)
+                                         self.sliding_window, **kv_scales)
         return out

@@ -22,12 +22,21 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         arch = model.arch
         shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+        kv_dtype = kv_dtype or dtype
+        quantized = kv_dtype in (torch.int8, torch.float8_e4m3fn)
         # zeros, not empty: padded block-table entries read block 0, and 0 * NaN garbage would poison softmax
         self.kv_caches = []
         for attn in model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=kv_dtype or dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=kv_dtype or dtype, device=device)
-            self.kv_caches.append((attn.k_cache, attn.v_cache))
+            attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+            if quantized:
+                attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+                attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+            self.kv_caches.append((attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale))
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of every KV tensor allocated (codes and scales), for the memory report."""
+        return sum(t.numel() * t.element_size() for group in self.kv_caches for t in group if t is not None)
 
     def _block_table(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in seqs)

@@ -21,9 +21,16 @@ logger = logging.getLogger("turboinfer")
 CPU_KV_DEFAULT = 2 * 2**30  # default CPU KV budget; raise with --kv-cache-memory
 
 
+KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
 def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype) -> int:
-    # K and V, every layer, every KV head: [num_blocks, block_size, kv_heads, head_dim] per layer
-    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * torch.empty(0, dtype=dtype).element_size()
+    # K and V, every layer, every KV head: [num_blocks, block_size, kv_heads, head_dim] per layer, plus one
+    # float32 scale per token and head for the quantized caches
+    per_head = arch.head_dim * torch.empty(0, dtype=dtype).element_size()
+    if dtype in KV_DTYPES.values():
+        per_head += 4
+    return 2 * arch.num_layers * arch.num_kv_heads * per_head
 
 
 def available_ram() -> int:
@@ -64,7 +71,8 @@ def create_worker(cfg: EngineConfig) -> Worker:
                                   f"{arch.max_position_embeddings}")
     max_len = cfg.max_model_len or arch.max_position_embeddings
 
-    per_token = kv_bytes_per_token(arch, dtype)
+    kv_dtype = KV_DTYPES.get(cfg.kv_cache_dtype, dtype)
+    per_token = kv_bytes_per_token(arch, kv_dtype)
     if cfg.num_gpu_blocks_override is not None:
         num_blocks = cfg.num_gpu_blocks_override + 1
     else:
@@ -94,6 +102,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
             torch.set_default_dtype(prev)
     num_packed = load_weights_into(model, resolved, torch.device(device), keep_packed=not cfg.dequantize_gguf)
     model.eval()
-    runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, seed=cfg.seed)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
+                         seed=cfg.seed)
     return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,
                   num_packed)

@@ -3,6 +3,10 @@
 Cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A sequence's
 token at position p lives in block block_table[p // block_size], row p % block_size. Grouped-query
 attention is computed by viewing the query heads as [num_kv_heads, group] so K/V are never repeated.
+
+Quantized caches (int8, float8_e4m3fn) carry k_scale, v_scale [num_blocks, block_size, num_kv_heads] float32:
+one symmetric scale per token and head, so a token's K/V never change once written (no re-quantization as
+the block fills) and an outlier token cannot blur its neighbours.
 """
 
 from __future__ import annotations
@@ -11,23 +15,52 @@ import torch
 import torch.nn.functional as F
 
 
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, heads, dim] -> (codes in `dtype`, scale [tokens, heads] float32) with x ~= codes * scale."""
+    scale = x.float().abs().amax(-1).clamp_(min=1e-8) / QMAX[dtype]
+    y = x.float() / scale[..., None]
+    codes = y.round_().clamp_(-127, 127).to(dtype) if dtype == torch.int8 else y.to(dtype)
+    return codes, scale
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] flat row ids
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    if k_scale is not None:
+        key, ks = quantize_kv(key, k_cache.dtype)
+        value, vs = quantize_kv(value, v_cache.dtype)
+        k_scale.view(-1, k_scale.shape[2]).index_copy_(0, slot_mapping, ks)
+        v_scale.view(-1, v_scale.shape[2]).index_copy_(0, slot_mapping, vs)
+    for cache, x in ((k_cache, key), (v_cache, value)):
+        _raw(cache).view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, _raw(x.to(cache.dtype)))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    # CPU index kernels lack float8; its bytes move the same as uint8
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _gather_blocks(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor) -> torch.Tensor:
+    # blocks: [n] block ids -> [n, block_size, kv_heads, head_dim] float32 (dequantized if the cache is)
+    x = _raw(cache).index_select(0, blocks).view(cache.dtype).float()  # far cheaper than cache[blocks]
+    return x if scale is None else x * scale.index_select(0, blocks)[..., None]
+
+
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, block_table: torch.Tensor,
+            num_tokens: int) -> torch.Tensor:
     # -> [num_tokens, num_kv_heads, head_dim] for one sequence
-    bs = cache.shape[1]
-    blocks = block_table[: -(-num_tokens // bs)]
-    return cache.index_select(0, blocks).flatten(0, 1)[:num_tokens]  # index_select: far cheaper than cache[blocks]
+    blocks = block_table[: -(-num_tokens // cache.shape[1])]
+    return _gather_blocks(cache, scale, blocks).flatten(0, 1)[:num_tokens]
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_lens: list[int], seq_lens: list[int], scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
+                      sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for chunks of new tokens whose K/V are already stored in the cache.
 
     q: [sum(query_lens), num_heads, head_dim]; sequence i's queries sit at positions
@@ -37,8 +70,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     start = 0
     for i, (q_len, kv_len) in enumerate(zip(query_lens, seq_lens)):
         qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-        k = _gather(k_cache, block_tables[i], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
-        v = _gather(v_cache, block_tables[i], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        k = _gather(k_cache, k_scale, block_tables[i], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        v = _gather(v_cache, v_scale, block_tables[i], kv_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
         if q_len == kv_len and sliding_window is None:
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -55,7 +88,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, max_seq_len: int, scale: float,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence, all sequences in one batched computation.
 
     q: [batch, num_heads, head_dim]; seq_lens: [batch] tokens in the cache including the new one.
@@ -66,8 +100,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     flat, mask = _decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], sliding_window)
     # [batch, kv_heads, L, D] with L = a whole number of blocks. The math runs in float32: on CPUs the small
     # batched matmuls of decode are ~2x faster in float32 than in bfloat16, and it is the reference anyway.
-    k = k_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2).float()
-    v = v_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2).float()
+    k = _gather_blocks(k_cache, k_scale, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = _gather_blocks(v_cache, v_scale, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).add_(mask)  # [batch, kv_heads, group, L]
     probs = torch.softmax(scores, dim=-1)
