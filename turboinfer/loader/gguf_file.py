@@ -111,6 +111,11 @@ _READERS: "OrderedDict[tuple, Any]" = OrderedDict()
 _MAX_READERS = 2
 
 
+def release_readers() -> None:
+    """Forget the parsed readers (and their file mappings) once a model is loaded."""
+    _READERS.clear()
+
+
 def _open_reader(path: str):
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)

@@ -64,6 +64,7 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
     """GGUF parameters by HF name. With keep_packed, 4-bit linear weights come as Q4Weight (packed matmul);
     everything else, and embeddings always, is dequantized to float32."""
+    from turboinfer.layers.embedding import Q8_0, PackedQ8_0
     from turboinfer.layers.quantization.q4 import Q4_TYPES, decompose_q4
     from turboinfer.loader.gguf_file import GGUFFile
 
@@ -76,6 +77,8 @@ def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
         qtype, raw, shape = f.raw_tensor(name)
         if qtype in Q4_TYPES and name.endswith("proj.weight") and len(shape) == 2:
             yield name, decompose_q4(qtype, raw, shape)
+        elif qtype == Q8_0 and name == "model.embed_tokens.weight":
+            yield name, PackedQ8_0(raw, shape)
         else:
             yield name, f.get_tensor(name, torch.float32)
 

@@ -13,6 +13,7 @@ from turboinfer.config import ModelArch
 from turboinfer.errors import ModelLoadError
 from turboinfer.layers.activation import gated_act
 from turboinfer.layers.attention import Attention
+from turboinfer.layers.embedding import VocabEmbedding
 from turboinfer.layers.linear import Linear
 from turboinfer.layers.norm import RMSNorm
 from turboinfer.layers.rotary import RotaryEmbedding
@@ -88,14 +89,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, _weight=torch.empty(
-            arch.vocab_size, arch.hidden_size), _freeze=True)
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
         rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
         self.layers = nn.ModuleList([LlamaDecoderLayer(arch, rotary) for _ in range(arch.num_layers)])
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids, self.norm.weight.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -118,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+            return self.model.embed_tokens.as_logits(hidden)
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
@@ -128,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         owners = {name: mod for mod_name, mod in self.named_modules() for name in
                   (f"{mod_name}.weight", f"{mod_name}.bias") if isinstance(mod, Linear)}
+        owners["model.embed_tokens.weight"] = self.model.embed_tokens
         loaded: dict[str, set] = {}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -142,7 +143,9 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.arch.architecture}")
-            if name in owners:
+            if name == "model.embed_tokens.weight":
+                self.model.embed_tokens.weight_loader(param, tensor)
+            elif name in owners:
                 owners[name].weight_loader(param, tensor, shard)
             else:
                 if tuple(tensor.shape) != tuple(param.shape):
@@ -153,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         missing = []
         for name, param in params.items():
             owner = owners.get(name)
-            need = set(owner.shard_sizes) if owner is not None else {None}
+            need = set(owner.shard_sizes) if isinstance(owner, Linear) else {None}
             if not need <= loaded.get(name, set()):
                 missing.append(name)
         if missing:

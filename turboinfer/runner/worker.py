@@ -43,6 +43,22 @@ def available_ram() -> int:
     return 8 * 2**30
 
 
+def release_load_memory() -> None:
+    """Loading makes large temporaries (dequantized tensors, GGUF mappings); hand them back to the OS so the
+    resident size after startup is the model plus the KV pool."""
+    import ctypes
+    import gc
+
+    from turboinfer.loader.gguf_file import release_readers
+
+    release_readers()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 @dataclass
 class Worker:
     resolved: ResolvedModel
@@ -102,6 +118,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
             torch.set_default_dtype(prev)
     num_packed = load_weights_into(model, resolved, torch.device(device), keep_packed=not cfg.dequantize_gguf)
     model.eval()
+    release_load_memory()
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
                          seed=cfg.seed)
     return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,

@@ -1,0 +1,84 @@
+"""Token embedding that can double as the (tied) output projection, dense or kept as GGUF Q8_0 blocks.
+
+Q8_0 stores w = q * d with q int8 and one d per 32 weights. Kept that way the table costs 1.06 bytes a weight
+instead of 2 (bf16), a lookup dequantizes only the rows it needs, and the output projection reads the int8
+codes directly: x W^T = sum over groups g of d_g * (x_g q_g^T), one int8 matmul per group of 32 input
+features (torch's per-channel int8 kernel, with d_g as the channel scale)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turboinfer.errors import ModelLoadError
+
+Q8_0 = 8  # GGMLQuantizationType
+GROUP = 32
+
+
+class PackedQ8_0:
+    """A Q8_0 tensor as stored in a GGUF file, handed to VocabEmbedding unconverted."""
+
+    def __init__(self, raw: np.ndarray, shape: tuple[int, int]) -> None:
+        self.raw, self.shape = raw, tuple(shape)
+
+
+def decompose_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (q int8 [N, K], d float32 [N, K // 32]) exactly as stored."""
+    n, k = shape
+    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(n, k // GROUP, 34)  # copy: file is read-only
+    d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+    return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.codes: torch.Tensor | None = None  # [K // 32, N, 32] int8: each group's codes contiguous
+        self.group_scales: torch.Tensor | None = None  # [K // 32, N] float32, exact: used by lookups
+        self.group_scales_bf16: torch.Tensor | None = None  # the same in bf16, as the int8 kernel wants
+
+    def weight_loader(self, param: nn.Parameter, loaded) -> None:
+        if isinstance(loaded, PackedQ8_0):
+            return self.load_q8_0(loaded.raw, loaded.shape)
+        if tuple(loaded.shape) != tuple(param.shape):
+            raise ModelLoadError(f"embedding shape {tuple(loaded.shape)} does not match the model's "
+                                 f"{tuple(param.shape)}")
+        param.data.copy_(loaded)
+
+    def load_q8_0(self, raw: np.ndarray, shape: tuple[int, int]) -> None:
+        if tuple(shape) != tuple(self.weight.shape):
+            raise ModelLoadError(f"embedding shape {tuple(shape)} does not match the model's "
+                                 f"{tuple(self.weight.shape)}")
+        q, d = decompose_q8_0(raw, shape)
+        n, k = shape
+        dev = self.weight.device
+        self.codes = q.view(n, k // GROUP, GROUP).transpose(0, 1).contiguous().to(dev)
+        self.group_scales = d.t().contiguous().to(dev)
+        self.group_scales_bf16 = self.group_scales.to(torch.bfloat16)
+        self.weight = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.codes is not None
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.codes is None:
+            return F.embedding(ids, self.weight)
+        rows = self.codes[:, ids].float() * self.group_scales[:, ids, None]  # [K // 32, T, 32]
+        return rows.permute(1, 0, 2).reshape(ids.shape[0], -1).to(dtype or torch.float32)
+
+    def as_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, K] -> [T, vocab] with this table as the output projection (tied embeddings)."""
+        if self.codes is None:
+            return F.linear(hidden, self.weight)
+        x = hidden.to(torch.bfloat16)  # torch's int8 kernel is vectorised for bf16 activations
+        out = None
+        for g in range(self.codes.shape[0]):
+            part = torch.ops.aten._weight_int8pack_mm(x[:, g * GROUP:(g + 1) * GROUP], self.codes[g],
+                                                      self.group_scales_bf16[g])
+            out = part.float() if out is None else out.add_(part)
+        return out
