@@ -21,6 +21,7 @@ SAMPLING_FLAGS = [
     ("--frequency-penalty", float, 0.0, "OpenAI frequency penalty"),
     ("--seed", int, None, "seed for reproducible sampling"),
     ("--stop", str, None, "stop when this text appears (repeatable)"),
+    ("--ignore-eos", bool, False, "keep generating past the end-of-sequence token (benchmarks)"),
 ]
 
 
@@ -28,6 +29,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     for flag, typ, default, help_text in SAMPLING_FLAGS:
         if flag == "--stop":
             p.add_argument(flag, action="append", default=None, help=help_text)
+        elif typ is bool:
+            p.add_argument(flag, action="store_true", help=help_text)
         elif flag == "--seed":
             p.add_argument(flag, type=typ, default=default, dest="sampling_seed", help=help_text)
         else:
@@ -40,7 +43,7 @@ def sampling_from_args(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.sampling_seed, stop=args.stop)
+                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def _engine_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -117,3 +117,25 @@ def test_cli_corrupt_gguf(tmp_path, default_model_path):
         bad.write_bytes(f.read(1_000_000))  # truncated: header intact, tensor data missing
     r = run_cli("generate", "hi", "--model", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+def test_cli_chat_ctrl_c_stops_reply_not_session(default_model_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "turboinfer", "chat", "--model", default_model_path,
+                             "--max-tokens", "4000", "--ignore-eos", "--kv-cache-memory", "256MiB"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("Tell me a very long story.\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(20)  # the reply is streaming
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out
