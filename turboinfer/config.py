@@ -140,6 +140,9 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata=_flag("reuse KV blocks of shared prompt prefixes"))
     num_threads: int | None = field(default=None, metadata=_flag("CPU threads for torch (default: all cores)"))
     seed: int = field(default=0, metadata=_flag("seed for requests that carry none"))
+    attention_backend: str = field(default="auto", metadata=_flag(
+        "attention kernels: auto|torch|triton (auto: triton on CUDA, torch on CPU; the environment variable "
+        "TURBOINFER_ATTENTION_BACKEND replaces auto)"))
     trust_remote_code: bool = field(default=False, metadata=_flag("accepted for vLLM compatibility; unused"))
 
     def __post_init__(self) -> None:
@@ -156,6 +159,11 @@ class EngineConfig:
             raise InvalidRequestError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidRequestError("--gpu-memory-utilization must be in (0, 1]")
+        if self.attention_backend == "auto":
+            self.attention_backend = os.environ.get("TURBOINFER_ATTENTION_BACKEND", "auto")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InvalidRequestError(f"attention backend {self.attention_backend!r} (--attention-backend or "
+                                      "TURBOINFER_ATTENTION_BACKEND) is not one of auto, torch, triton")
 
     def resolved_device(self) -> str:
         import torch

@@ -3,7 +3,9 @@ the KV pool size, and the model runner over that pool."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -59,6 +61,24 @@ def release_load_memory() -> None:
         pass
 
 
+def resolve_attention_backend(backend: str, device: str) -> str:
+    """auto -> triton on CUDA, torch on CPU. Triton kernels reach CPU tensors only through its interpreter
+    (TRITON_INTERPRET=1, slow, meant for tests), so asking for them on CPU without it is an error up front."""
+    on_cuda = device.startswith("cuda")
+    if backend == "auto":
+        if on_cuda and importlib.util.find_spec("triton") is None:
+            logger.warning("triton is not installed: attention runs on the PyTorch kernels (slower on CUDA)")
+            return "torch"
+        return "triton" if on_cuda else "torch"
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        raise InvalidRequestError("--attention-backend triton needs the triton package (pip install triton)")
+    interpreted = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    if backend == "triton" and not on_cuda and not interpreted:
+        raise InvalidRequestError("--attention-backend triton needs a CUDA device (or TRITON_INTERPRET=1 to run "
+                                  "the kernels in Triton's CPU interpreter)")
+    return backend
+
+
 @dataclass
 class Worker:
     resolved: ResolvedModel
@@ -80,6 +100,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
     tokenizer = load_tokenizer(resolved)
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype(device)
+    attention_backend = resolve_attention_backend(cfg.attention_backend, device)
     if device == "cpu":
         torch.set_num_threads(cfg.num_threads or default_num_threads())
     if cfg.max_model_len is not None and cfg.max_model_len > arch.max_position_embeddings and not arch.rope_scaling:
@@ -120,6 +141,6 @@ def create_worker(cfg: EngineConfig) -> Worker:
     model.eval()
     release_load_memory()
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
-                         seed=cfg.seed)
+                         seed=cfg.seed, attention_backend=attention_backend)
     return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,
                   num_packed)
