@@ -73,6 +73,39 @@ def bench_turboinfer(model: str, threads: int, ids: list[int], prompt: list[int]
             "packed_layers": w.num_packed_layers}
 
 
+def perplexity_turboinfer(model: str, threads: int, ids: list[int], **engine_kwargs) -> float:
+    from turboinfer import LLM, SamplingParams
+
+    llm = LLM(model, num_threads=threads, max_model_len=2048, kv_cache_memory="256MiB", **engine_kwargs)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    return math.exp(-sum(d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])) / (len(ids) - 1))
+
+
+RSS_PROBE = """
+import gc, json, sys
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+import torch, turboinfer.llm
+import gguf, jinja2, numpy, safetensors, tokenizers  # libraries loading uses: code, not model data
+gc.collect(); before = rss()
+llm = turboinfer.llm.LLM(sys.argv[1], kv_cache_memory='64MiB', max_model_len=2048)
+gc.collect()
+print(json.dumps({"rss_increase": rss() - before, "kv_bytes": llm.engine.runner.kv_cache_bytes()}))
+"""
+
+
+def resident_memory(model: str) -> dict:
+    """Resident-set growth of a fresh process from `import turboinfer` (and the libraries its loader imports) to
+    a loaded engine with a 64 MiB KV pool."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, model], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["file_bytes"] = os.path.getsize(model)
+    r["ratio_to_file_excluding_kv"] = (r["rss_increase"] - r["kv_bytes"]) / r["file_bytes"]
+    return r
+
+
 def bench_hf(gguf_path: str, threads: int, ids: list[int], prompt: list[int]) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -147,6 +180,10 @@ def main() -> None:
     results["turboinfer_float32"] = bench_turboinfer(resolved.path, args.threads, ids, prompt, dtype="float32",
                                                      dequantize_gguf=True)
     print("turboinfer_float32", results["turboinfer_float32"], file=sys.stderr)
+    results["turboinfer_kv_int8"] = {"perplexity": perplexity_turboinfer(resolved.path, args.threads, ids,
+                                                                         kv_cache_dtype="int8")}
+    results["memory"] = resident_memory(resolved.path)
+    print("memory", results["memory"], file=sys.stderr)
     if "hf" not in skip:
         results["transformers"] = bench_hf(resolved.path, args.threads, ids, prompt)
         print("transformers", results["transformers"], file=sys.stderr)

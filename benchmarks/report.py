@@ -57,6 +57,17 @@ def render_cpu_default_model(r: dict) -> str:
                       f"and {100 * (ours['perplexity'] / lc['perplexity'] - 1):+.2f}% (packed path) vs llama.cpp")
     ratios.append(f"16-way aggregate = {ours['aggregate16_tok_s'] / ours['decode_tok_s']:.1f}x our batch-1 decode")
     lines.append("Ratios (turboinfer packed path): " + "; ".join(ratios) + ".")
+    kv8 = res.get("turboinfer_kv_int8")
+    if kv8:
+        lines += ["", f"int8 KV cache (packed path otherwise): perplexity {kv8['perplexity']:.3f}, "
+                      f"{100 * (kv8['perplexity'] / ours['perplexity'] - 1):+.2f}% vs the bf16 cache."]
+    mem = res.get("memory")
+    if mem:
+        mib = 2 ** 20
+        lines += ["", f"Resident memory: a fresh process grows by {mem['rss_increase'] / mib:.0f} MiB from "
+                      f"`import turboinfer` (and the loader's libraries) to a loaded engine, of which {mem['kv_bytes'] / mib:.0f} MiB is the KV "
+                      f"pool; the rest is {mem['ratio_to_file_excluding_kv']:.2f}x the "
+                      f"{mem['file_bytes'] / mib:.0f} MiB GGUF file (weights, tokenizer, runtime)."]
     return "\n".join(lines)
 
 
