@@ -1,10 +1,15 @@
 """Render BENCHMARKS.md from the JSON results under benchmarks/results/ (never edit BENCHMARKS.md by hand).
 
     python benchmarks/report.py            # rewrites BENCHMARKS.md
+    turboinfer bench report                # the same
+
+Renderers: cpu_default_model (benchmarks/cpu_bench.py) and bench_latency / bench_throughput / bench_serve
+(`turboinfer bench ... --json benchmarks/results/NAME.json`).
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -71,22 +76,122 @@ def render_cpu_default_model(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"cpu_default_model": render_cpu_default_model}
+def _machine(r: dict) -> str:
+    """One line: CPU (cores), GPU if any, versions, date."""
+    m, v = r["machine"], r.get("versions", {})
+    gpu = m.get("gpu")
+    hw = f"{m['cpu']} ({m.get('usable_cores') or m['cores']} usable cores)"
+    if gpu:
+        hw += f", {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB)"
+    sw = ", ".join(f"{k} {v[k]}" for k in ("turboinfer", "torch", "transformers", "llama_cpp_python") if k in v)
+    return f"Machine: {hw}; {sw}; {r['date']}."
 
 
-def main() -> None:
+def _ms(stats: dict, key: str = "mean") -> str:
+    return _fmt(stats.get(key) if stats else None, 2)
+
+
+def _x(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def render_bench_latency(r: dict) -> str:
+    c = r["config"]
+    ours = r["engines"]["turboinfer"]
+    lines = [f"## Latency: batch {c['batch_size']}, {c['input_len']} prompt -> {c['output_len']} output tokens",
+             "", f"Model `{r['model']}` ({ours['dtype']} on {ours['device']}, {c['num_iters']} measured iterations). "
+             + _machine(r), f"Command: `{r['command']}`.", "",
+             "| engine | TTFT ms | TPOT ms | ITL p50 / p99 ms | end-to-end ms | output tok/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, e in r["engines"].items():
+        lines.append(f"| {name} | {_ms(e['ttft_ms'])} | {_ms(e['tpot_ms'])} | {_ms(e['itl_ms'], 'p50')} / "
+                     f"{_ms(e['itl_ms'], 'p99')} | {_ms(e['e2e_ms'])} | {_fmt(e['output_tok_s'])} |")
+    lines += ["", "Means over requests; TTFT includes the prefill, TPOT is the mean gap after the first token."]
+    bw = ours.get("bandwidth")
+    if bw and bw.get("utilization") is not None:
+        lines.append(f"Decode reads {bw['weight_bytes'] / 2**20:,.1f} MiB of weights per step; at "
+                     f"{bw['copy_bytes_s'] / 1e9:,.1f} GB/s measured copy bandwidth that is "
+                     f"{100 * bw['utilization']:.1f}% bandwidth utilisation.")
+    for name, x in r.get("ratios", {}).items():
+        lines.append(f"vs {name}: TTFT {_x(x['ttft'])} faster, TPOT {_x(x['tpot'])} faster, "
+                     f"output tok/s {_x(x['output_tok_s'])}.")
+    return "\n".join(lines)
+
+
+def render_bench_throughput(r: dict) -> str:
+    c = r["config"]
+    ours = r["engines"]["turboinfer"]
+    lines = [f"## Offline throughput: {c['num_prompts']} prompts, input {c['input_len']}, output {c['output_len']} "
+             "tokens", "", f"Model `{r['model']}` ({ours['dtype']} on {ours['device']}); lengths uniform in the "
+             f"ranges, seeded{', EOS ignored' if c['ignore_eos'] else ''}. " + _machine(r),
+             f"Command: `{r['command']}`.", "",
+             "| engine | seconds | requests/s | output tok/s | total tok/s |", "|---|---:|---:|---:|---:|"]
+    for name, e in r["engines"].items():
+        label = f"{name} (batches of {e['batch_size']})" if "batch_size" in e else name
+        lines.append(f"| {label} | {_fmt(e['elapsed_s'], 2)} | {_fmt(e['request_s'], 2)} | {_fmt(e['output_tok_s'])} "
+                     f"| {_fmt(e['total_tok_s'])} |")
+    ratios = [f"{_x(x['output_tok_s'])} {name}" for name, x in r.get("ratios", {}).items()]
+    if ratios:
+        lines += ["", "turboinfer output tokens/s = " + ", ".join(ratios) + "."]
+    return "\n".join(lines)
+
+
+def render_bench_serve(r: dict) -> str:
+    c = r["config"]
+    work = {"random": f"random words, prompt {c['input_len']}", "sharegpt": f"ShareGPT file `{c['dataset']}`",
+            "shared-prefix": f"{c['prefix_len']}-word shared prefix + prompt {c['input_len']}"}[c["workload"]]
+    slo = c.get("slo_ms") or {}
+    lines = [f"## Serving: {c['workload']} workload, {c['num_prompts']} requests per level", "",
+             f"Streaming `/v1/completions`, {work}, max_tokens {c['output_len'] or 'from the dataset'} (mean prompt "
+             f"~{c['mean_prompt_len']:.0f}, mean output {c['mean_output_len']:.0f} tokens), "
+             + ("all requests sent at once (up to the concurrency). " if c["request_rate"] == "inf" else
+                f"Poisson arrivals at {c['request_rate']:g} requests/s. ") + _machine(r),
+             f"Command: `{r['command']}`.", "",
+             "| endpoint | concurrency | requests/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+             "ITL p99 ms | E2E p50 / p99 ms |" + (" goodput req/s |" if slo else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if slo else "")]
+    for name, e in r["engines"].items():
+        for lv in e["levels"]:
+            row = (f"| {name} | {lv['concurrency'] or 'uncapped'} | {_fmt(lv['request_s'], 2)} | "
+                   f"{_fmt(lv['output_tok_s'])} | {_ms(lv['ttft_ms'], 'p50')} / {_ms(lv['ttft_ms'], 'p99')} | "
+                   f"{_ms(lv['tpot_ms'], 'p50')} / {_ms(lv['tpot_ms'], 'p99')} | {_ms(lv['itl_ms'], 'p99')} | "
+                   f"{_ms(lv['e2e_ms'], 'p50')} / {_ms(lv['e2e_ms'], 'p99')} |")
+            lines.append(row + (f" {_fmt(lv['goodput_req_s'], 2)} |" if slo else ""))
+    if slo:
+        lines += ["", "Goodput: completed requests/s meeting " + ", ".join(f"{k} <= {v:g} ms" for k, v in slo.items())
+                  + "."]
+    for name, rows in r.get("ratios", {}).items():
+        lines += ["", f"vs {name}: " + "; ".join(f"concurrency {x['concurrency'] or 'uncapped'}: output tok/s "
+                                                 f"{_x(x['output_tok_s'])}, TTFT p50 {_x(x['ttft_p50'])} faster"
+                                                 for x in rows) + "."]
+    return "\n".join(lines)
+
+
+RENDERERS = {"cpu_default_model": render_cpu_default_model, "bench_latency": render_bench_latency,
+             "bench_throughput": render_bench_throughput, "bench_serve": render_bench_serve}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Render BENCHMARKS.md from benchmark JSON results.")
+    ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--output", default=OUT)
+    args = ap.parse_args(argv)
     sections = []
-    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
+    for path in sorted(glob.glob(os.path.join(args.results_dir, "*.json"))):
         with open(path) as f:
             record = json.load(f)
         render = RENDERERS.get(record.get("benchmark"))
         if render:
-            sections.append(render(record) + f"\n\n(from `benchmarks/results/{os.path.basename(path)}`)")
-    head = ("# Benchmarks\n\nEvery table is generated by `python benchmarks/report.py` from the JSON files in "
-            "`benchmarks/results/`, each written by the command it names. Nothing here is typed by hand.\n")
-    with open(OUT, "w") as f:
+            root = os.path.dirname(HERE)
+            full = os.path.abspath(path)
+            rel = os.path.relpath(full, root) if full.startswith(root + os.sep) else full
+            sections.append(render(record) + f"\n\n(from `{rel}`)")
+    head = ("# Benchmarks\n\nEvery table is generated by `python benchmarks/report.py` (or `turboinfer bench report`) "
+            "from the JSON files in `benchmarks/results/`, each written by the command it names. Nothing here is "
+            "typed by hand.\n")
+    with open(args.output, "w") as f:
         f.write(head + "\n" + "\n\n".join(sections) + "\n")
-    print(f"wrote {OUT} ({len(sections)} sections)")
+    print(f"wrote {args.output} ({len(sections)} sections)")
 
 
 if __name__ == "__main__":

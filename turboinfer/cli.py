@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their feature: each module has add_parser(subparsers) and run(args) -> int.
     for name, module in (("estimate", "turboinfer.cli_estimate"), ("serve", "turboinfer.server.cli"),
-                         ("bench", "turboinfer.bench.cli")):
+                         ("bench", "turboinfer.bench.cli"), ("quantize", "turboinfer.quantize_cli")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError:

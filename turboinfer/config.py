@@ -117,8 +117,18 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata=_flag(
         "weight/activation dtype: auto|float32|bfloat16|float16 (auto: bfloat16 on CUDA and on CPUs with native "
         "bf16 (AVX512-BF16/AMX), else float32)"))
+    load_format: str = field(default="auto", metadata=_flag(
+        "auto: read the checkpoint's weights; dummy: random weights from the config alone (an HF directory, a "
+        "config.json or a GGUF's metadata), to benchmark a model without downloading it"))
     dequantize_gguf: bool = field(default=False, metadata=_flag(
         "dequantize GGUF 4-bit weights to --dtype at load instead of computing from the packed blocks"))
+    quantization: str = field(default="none", metadata=_flag(
+        "quantize a float checkpoint's linear layers at load (embeddings and lm_head stay float): none | int8 "
+        "(per output channel) | int4 (per group of --quant-group-size input features)"))
+    quant_group_size: int = field(default=128, metadata=_flag(
+        "int4 group size: 32|64|128|256 (a layer whose width it does not divide uses the largest that does)"))
+    awq: bool = field(default=False, metadata=_flag(
+        "with --quantization int4: activation-aware per-channel scales searched on a built-in calibration text"))
     device: str = field(default="auto", metadata=_flag("device: auto|cpu|cuda"))
     max_model_len: int | None = field(default=None, metadata=_flag(
         "longest prompt+completion in tokens (default: the model's context length, capped by KV memory)"))
@@ -148,11 +158,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.load_format not in ("auto", "dummy"):
+            raise InvalidRequestError(f"--load-format {self.load_format!r} is not one of auto, dummy")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidRequestError(f"--device {self.device!r} is not one of auto, cpu, cuda")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise InvalidRequestError(f"--quantization {self.quantization!r} is not one of none, int8, int4")
+        if self.quant_group_size not in (32, 64, 128, 256):
+            raise InvalidRequestError(f"--quant-group-size must be 32, 64, 128 or 256, got {self.quant_group_size}")
+        if self.awq and self.quantization != "int4":
+            raise InvalidRequestError("--awq needs --quantization int4")
         if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise InvalidRequestError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of auto, int8, fp8")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -67,17 +67,20 @@ class Linear(nn.Module):
 def finalize_quantized(model: nn.Module, device: torch.device) -> int:
     """Swap in a quantized method for every Linear that received quantized shards; returns how many.
     A layer must get all its shards in one format (a mix would need two matmuls)."""
-    from turboinfer.layers.quantization.q4 import Q4Weight, q4_method
+    from turboinfer.layers.quantization import merge_shards, quant_method_for
 
     count = 0
     for name, layer in model.named_modules():
         if not isinstance(layer, Linear) or not layer.pending_quantized:
             continue
         shards = [layer.pending_quantized.get(s) for s in layer.shard_sizes]
-        if any(not isinstance(w, Q4Weight) for w in shards):
-            raise ModelLoadError(f"{name}: all shards of a merged layer must share one quantization type")
-        merged = Q4Weight(*(torch.cat([getattr(w, f) for w in shards]) for f in ("q", "scale", "zero")))
-        layer.quant_method = q4_method(merged, device)
+        if any(w is None for w in shards):
+            raise ModelLoadError(f"{name}: some shards are quantized and others are not")
+        try:
+            merged = merge_shards(shards)
+        except ValueError as e:
+            raise ModelLoadError(f"{name}: {e}") from None
+        layer.quant_method = quant_method_for(merged, device)
         layer.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)  # dense copy not kept
         layer.pending_quantized = {}
         count += 1

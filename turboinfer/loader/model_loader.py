@@ -10,12 +10,14 @@ from typing import Iterator
 import torch
 
 from turboinfer.config import ModelArch
-from turboinfer.errors import ModelLoadError
+from turboinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from turboinfer.loader.resolve import ResolvedModel
 
 
 def read_hf_config(model_dir: str) -> dict:
-    path = Path(model_dir) / "config.json"
+    # A bare JSON file (any name) is accepted too: --load-format dummy builds a model from the config alone.
+    path = Path(model_dir) if os.path.isfile(model_dir) else Path(model_dir) / "config.json"
+    model_dir = str(path.parent)
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
@@ -83,6 +85,39 @@ def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
             yield name, f.get_tensor(name, torch.float32)
 
 
+def checkpoint_quantization(resolved: ResolvedModel) -> dict | None:
+    """The quantization_config of a quantized HF directory (written by `turboinfer quantize`); None for float
+    checkpoints, bare config files and GGUF."""
+    if resolved.kind == "gguf" or not os.path.isdir(resolved.path):
+        return None
+    qcfg = read_hf_config(resolved.path).get("quantization_config")
+    if not qcfg:
+        return None
+    from turboinfer.layers.quantization.checkpoint import QUANT_METHOD
+
+    if qcfg.get("quant_method") != QUANT_METHOD:
+        raise UnsupportedModelError(
+            f"{resolved.path} is quantized with {qcfg.get('quant_method')!r}, which turboinfer cannot read; load the "
+            f"float model (optionally with --quantization int8|int4) or one written by `turboinfer quantize`")
+    return qcfg
+
+
+def check_quantization(resolved: ResolvedModel, method: str, group_size: int, awq: bool) -> None:
+    """--quantization applies to float checkpoints; fail before loading anything when it cannot."""
+    if method == "none":
+        return
+    if resolved.kind == "gguf":
+        raise InvalidRequestError(f"--quantization {method}: {resolved.display_name} is a GGUF file, whose weights "
+                                  "are already quantized; drop --quantization (or load a float safetensors model)")
+    stored = checkpoint_quantization(resolved)
+    if stored is not None:
+        from turboinfer.layers.quantization.checkpoint import quantization_config
+
+        if quantization_config(method, group_size, awq) != stored:
+            raise InvalidRequestError(f"--quantization {method}: {resolved.display_name} is already quantized "
+                                      f"({stored}); load it without --quantization")
+
+
 def load_weights_into(model: torch.nn.Module, resolved: ResolvedModel, device: torch.device,
                       keep_packed: bool = True) -> int:
     """Load every parameter; returns the number of linear layers left quantized."""
@@ -92,13 +127,84 @@ def load_weights_into(model: torch.nn.Module, resolved: ResolvedModel, device: t
         weights = iter_gguf(resolved.path, keep_packed and device.type == "cpu")
     else:
         weights = iter_safetensors(resolved.path)
+        qcfg = checkpoint_quantization(resolved)
+        if qcfg is not None:
+            from turboinfer.layers.quantization.checkpoint import group_quantized
+
+            weights = group_quantized(weights, qcfg)
     model.load_weights(weights)
     return finalize_quantized(model, device)
 
 
-def load_tokenizer(resolved: ResolvedModel):
+def quantize_loaded(model: torch.nn.Module, resolved: ResolvedModel, device: torch.device, method: str,
+                    group_size: int, awq: bool, tokenizer=None) -> dict:
+    """--quantization on a float checkpoint: quantize the just-loaded model's Linears in place (AWQ: after one
+    calibration pass of the float model over the built-in text). Returns the quantized weights by module name;
+    nothing happens for "none" or a checkpoint that is quantized already."""
+    if method == "none" or checkpoint_quantization(resolved) is not None:
+        return {}
+    from turboinfer.layers.quantization.transform import quantize_model
+
+    stats = None
+    if awq:
+        from turboinfer.layers.quantization.awq import MAX_CALIBRATION_TOKENS, calibration_text, collect_input_stats
+
+        ids = tokenizer.encode(calibration_text())
+        ids = ids[:min(MAX_CALIBRATION_TOKENS, model.arch.max_position_embeddings)]
+        stats = collect_input_stats(model, ids)
+    return quantize_model(model, method, group_size, device, stats)
+
+
+def resolve_for_load(name: str | None, load_format: str) -> ResolvedModel:
+    """Like resolve_model, but --load-format dummy also takes a path to a config JSON file."""
+    from turboinfer.loader.resolve import resolve_model
+
+    path = os.path.expanduser(name or "")
+    if load_format == "dummy" and os.path.isfile(path) and path.endswith(".json"):
+        return ResolvedModel("hf_dir", os.path.abspath(path), Path(path).parent.name or Path(path).stem)
+    return resolve_model(name)
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """--load-format dummy: no checkpoint is read. Matrices ~ N(0, 0.02) (the usual init scale, so activations
+    stay finite through any depth), norm weights 1, biases 0. Speed does not depend on the values."""
+    gens: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                g = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+                p.normal_(0.0, 0.02, generator=g)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def placeholder_tokenizer(arch: ModelArch):
+    """A tokenizer for a config without one (--load-format dummy): token i is the word "<i>". Benchmarks feed
+    such models token-id prompts; this only lets the engine decode what it generates."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
     from turboinfer.tokenizer.tokenizer import Tokenizer
 
+    tok = RustTokenizer(models.WordLevel({f"<{i}>": i for i in range(arch.vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
+    return Tokenizer(tok, bos_token_id=arch.bos_token_id, eos_token_id=eos, extra_eos_ids=arch.eos_token_ids,
+                     name="placeholder")
+
+
+def load_tokenizer(resolved: ResolvedModel, arch: ModelArch | None = None):
+    """The model's tokenizer; given `arch`, a directory without tokenizer.json gets a placeholder instead of
+    an error (--load-format dummy)."""
+    from turboinfer.tokenizer.tokenizer import Tokenizer
+
+    if resolved.kind != "gguf" and os.path.isfile(resolved.path):  # a bare config file
+        resolved = ResolvedModel(resolved.kind, os.path.dirname(resolved.path), resolved.display_name)
+    if arch is not None and resolved.kind != "gguf" and \
+            not os.path.isfile(os.path.join(resolved.path, "tokenizer.json")):
+        return placeholder_tokenizer(arch)
     if resolved.kind == "gguf":
         from turboinfer.loader.gguf_file import GGUFFile
 

@@ -13,8 +13,9 @@ import torch
 
 from turboinfer.config import EngineConfig, ModelArch, default_num_threads, parse_memory
 from turboinfer.errors import InvalidRequestError
-from turboinfer.loader.model_loader import load_arch, load_tokenizer, load_weights_into
-from turboinfer.loader.resolve import ResolvedModel, resolve_model
+from turboinfer.loader.model_loader import (check_quantization, init_dummy_weights, load_arch, load_tokenizer,
+                                            load_weights_into, quantize_loaded, resolve_for_load)
+from turboinfer.loader.resolve import ResolvedModel
 from turboinfer.models.registry import build_model
 from turboinfer.runner.model_runner import ModelRunner
 
@@ -95,9 +96,11 @@ class Worker:
 
 def create_worker(cfg: EngineConfig) -> Worker:
     t0 = time.monotonic()
-    resolved = resolve_model(cfg.model)
+    dummy = cfg.load_format == "dummy"
+    resolved = resolve_for_load(cfg.model, cfg.load_format)
+    check_quantization(resolved, cfg.quantization, cfg.quant_group_size, cfg.awq)
     arch = load_arch(resolved)
-    tokenizer = load_tokenizer(resolved)
+    tokenizer = load_tokenizer(resolved, arch if dummy else None)
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype(device)
     attention_backend = resolve_attention_backend(cfg.attention_backend, device)
@@ -137,7 +140,13 @@ def create_worker(cfg: EngineConfig) -> Worker:
             model = build_model(arch)
         finally:
             torch.set_default_dtype(prev)
-    num_packed = load_weights_into(model, resolved, torch.device(device), keep_packed=not cfg.dequantize_gguf)
+    if dummy:
+        init_dummy_weights(model, cfg.seed)
+        num_packed = 0
+    else:
+        num_packed = load_weights_into(model, resolved, torch.device(device), keep_packed=not cfg.dequantize_gguf)
+    num_packed += len(quantize_loaded(model, resolved, torch.device(device), cfg.quantization, cfg.quant_group_size,
+                                      cfg.awq, tokenizer))
     model.eval()
     release_load_memory()
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,

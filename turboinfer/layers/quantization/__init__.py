@@ -1,2 +1,33 @@
-"""Quantized linear methods. A method owns how a Linear stores its weight and does its matmul; loading
-code hands a Linear decomposed quantized shards and `finalize_quantized` swaps the method in."""
+"""Quantized linear methods. A method owns how a Linear stores its weight and does its matmul. Quantized shards
+reach a Linear two ways: from a checkpoint (GGUF 4-bit blocks, or a `turboinfer quantize` directory), through
+`weight_loader` and then `finalize_quantized`; or from a float model quantized in place (`transform.py`).
+
+  q4.py         4-bit group-wise weights (GGUF and round-to-nearest) and torch's int4 CPU kernel
+  int8.py       8-bit per-channel weights and torch's int8 CPU kernel
+  awq.py        activation-aware scale search for int4 (calibration pass + per-layer search)
+  transform.py  quantize a loaded float model's Linears
+  checkpoint.py the on-disk format of quantized checkpoints"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quant_method_for(w, device: torch.device):
+    """The matmul method for a quantized weight: the CPU kernel where it applies, else the PyTorch twin."""
+    from turboinfer.layers.quantization.int8 import Int8Weight, int8_method
+    from turboinfer.layers.quantization.q4 import Q4Weight, q4_method
+
+    if isinstance(w, Q4Weight):
+        return q4_method(w, device)
+    if isinstance(w, Int8Weight):
+        return int8_method(w, device)
+    raise TypeError(f"no quantized method for {type(w).__name__}")
+
+
+def merge_shards(shards: list):
+    """One quantized matrix from the row blocks of a merged layer (q|k|v, gate|up), all of one type."""
+    kind = type(shards[0])
+    if any(type(w) is not kind for w in shards) or not hasattr(kind, "cat"):
+        raise ValueError("all shards of a merged layer must share one quantization type")
+    return kind.cat(shards)

@@ -1,45 +1,84 @@
-"""4-bit weights kept packed: GGUF Q4_0 / Q4_1 / Q4_K rows decomposed into 4-bit codes with one scale and
-offset per 32 weights, then run by torch's int4 matmul (CPU) without ever materialising a float weight.
+"""4-bit weights kept packed: w = q * scale + zero per group of `group_size` input features, q in [0, 15], run by
+torch's int4 matmul (CPU) without ever materialising a float weight.
 
-Every one of these formats is w = q * scale + zero per group of 32 with q in [0, 15]:
+Two sources produce them. GGUF Q4_0 / Q4_1 / Q4_K rows decompose exactly (group of 32):
   Q4_0: scale = d,       zero = -8 d
   Q4_1: scale = d,       zero = m
   Q4_K: scale = d * sc,  zero = -dmin * mn   (sc, mn: the 6-bit sub-block scale and min)
-so the conversion is exact in float32 (torch's kernel computes (q - 8) * scale + (zero + 8 scale))."""
+and float checkpoints are rounded to nearest per group (`quantize_q4`, group of 32/64/128/256).
+torch's kernel computes (q - 8) * scale + (zero + 8 scale), so the stored pair is rewritten once at load."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from turboinfer.errors import UnsupportedModelError
 
 Q4_0, Q4_1, Q4_K = 2, 3, 12  # GGMLQuantizationType values
-GROUP = 32
+GROUP = 32  # GGUF's group size
 Q4_TYPES = (Q4_0, Q4_1, Q4_K)
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4pack kernel accepts
 
 
 @dataclass
 class Q4Weight:
-    """A decomposed 4-bit matrix [out_features, in_features]: w = q * scale + zero per group of 32."""
+    """A decomposed 4-bit matrix [out_features, in_features]: w = q * scale + zero per group of input features.
+    With `input_scale` (AWQ) the layer computes (x * input_scale) w^T, i.e. its effective weight is
+    w * input_scale[None, :]."""
 
     q: torch.Tensor  # [N, K] uint8 in [0, 15]
-    scale: torch.Tensor  # [N, K // 32] float32
-    zero: torch.Tensor  # [N, K // 32] float32
+    scale: torch.Tensor  # [N, K // group_size] float32
+    zero: torch.Tensor  # [N, K // group_size] float32
+    group_size: int = GROUP
+    input_scale: torch.Tensor | None = None  # [K] float32, shared by every row (and every shard of a merged layer)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
     def dequantize(self) -> torch.Tensor:
+        """The float32 weight the layer applies to x (input_scale folded in)."""
         n, k = self.q.shape
-        w = self.q.view(n, k // GROUP, GROUP).float() * self.scale[..., None] + self.zero[..., None]
-        return w.view(n, k)
+        g = self.group_size
+        w = (self.q.view(n, k // g, g).float() * self.scale[..., None] + self.zero[..., None]).view(n, k)
+        return w if self.input_scale is None else w * self.input_scale
 
     def permute_rows(self, index: torch.Tensor) -> "Q4Weight":
-        return Q4Weight(self.q[index], self.scale[index], self.zero[index])
+        return replace(self, q=self.q[index], scale=self.scale[index], zero=self.zero[index])
+
+    def rows(self, start: int, size: int) -> "Q4Weight":
+        return replace(self, q=self.q[start:start + size], scale=self.scale[start:start + size],
+                       zero=self.zero[start:start + size])
+
+    @staticmethod
+    def cat(parts: list["Q4Weight"]) -> "Q4Weight":
+        """Stack row blocks (the shards of a merged layer); they must share group size and input scale."""
+        first = parts[0]
+        for p in parts[1:]:
+            if p.group_size != first.group_size:
+                raise ValueError("shards of one layer have different group sizes")
+            if (p.input_scale is None) != (first.input_scale is None) or \
+                    (p.input_scale is not None and not torch.equal(p.input_scale, first.input_scale)):
+                raise ValueError("shards of one layer have different input scales")
+        return replace(first, q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                       zero=torch.cat([p.zero for p in parts]))
+
+
+def quantize_q4(w: torch.Tensor, group_size: int) -> Q4Weight:
+    """Asymmetric round-to-nearest: each group's [min, max] is cut into 15 equal steps (16 levels), so every
+    element is off by at most scale / 2."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+    groups = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)  # [N, K // g]
+    scale = ((hi - lo) / 15).clamp(min=1e-12)  # a constant group: codes 0, zero = its value, exact
+    q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return Q4Weight(q.reshape(n, k), scale, lo, group_size)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -83,21 +122,37 @@ class Int4CPUMethod:
     def __init__(self, w: Q4Weight, device: torch.device) -> None:
         n, k = w.shape
         self.out_features = n
+        self.group_size = w.group_size
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
-        # [K // 32, N, 2]: (scale, zero + 8 * scale) per group, as the kernel expects
+        # [K // group_size, N, 2]: (scale, zero + 8 * scale) per group, as the kernel expects
         self.scales_zeros = torch.stack([w.scale, w.zero + 8 * w.scale], dim=-1).transpose(0, 1) \
             .contiguous().to(torch.bfloat16)
+        self.input_scale = w.input_scale  # [K] float32 or None
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
-                                                       GROUP, self.scales_zeros)
+        x2 = x.reshape(-1, shape[-1])
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
+                                                       self.scales_zeros)
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if layer.bias is None else y + layer.bias
 
 
+class Int4TorchMethod:
+    """The plain-PyTorch twin: dequantize to the activation dtype on every call, then a dense matmul. Runs on any
+    device and any shape (the CPU kernel needs out_features % 16 == 0); memory stays at one byte per weight."""
+
+    def __init__(self, w: Q4Weight, device: torch.device) -> None:
+        self.w = Q4Weight(w.q.to(device), w.scale.to(device), w.zero.to(device), w.group_size,
+                          None if w.input_scale is None else w.input_scale.to(device))
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w.dequantize().to(x.dtype), layer.bias)
+
+
 def q4_method(w: Q4Weight, device: torch.device):
-    if device.type == "cpu":
+    if device.type == "cpu" and w.shape[0] % 16 == 0 and w.group_size in KERNEL_GROUP_SIZES:
         return Int4CPUMethod(w, device)
-    raise UnsupportedModelError("packed 4-bit weights need the CPU kernel here; load with --dtype and "
-                                "--no-keep-quantized on this device")
+    return Int4TorchMethod(w, device)

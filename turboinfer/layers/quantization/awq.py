@@ -1,0 +1,109 @@
+"""Activation-aware int4 scaling, after AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM
+Compression and Acceleration", arXiv:2306.00978).
+
+A few input channels carry much larger activations than the rest, and the rounding error of their weights is
+multiplied by those activations. Scaling weight column j up by s_j before rounding (and the input down by s_j
+at run time) gives those columns a finer effective grid. Per layer, s = mean|x|^alpha with alpha picked from a
+grid to minimise || X W^T - X (Q(W diag(s)) diag(1/s))^T || on inputs recorded while the float model reads a
+short calibration text. alpha = 0 is plain round-to-nearest, so on those inputs the search never does worse.
+Unlike the paper, 1/s is not folded into the preceding norm: the layer multiplies it into x (one elementwise
+op), which works for every layer, o_proj and down_proj included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from importlib import resources
+
+import torch
+from torch import nn
+
+from turboinfer.layers.quantization.q4 import Q4Weight, quantize_q4
+
+MAX_CALIBRATION_TOKENS = 512
+ALPHA_GRID = [i / 20 for i in range(21)]  # 0, 0.05, ..., 1
+
+
+@dataclass
+class InputStats:
+    """What the calibration pass records at one linear layer's input."""
+
+    mean_abs: torch.Tensor  # [K] float32: mean |x| per input channel over every calibration token
+    sample: torch.Tensor  # [m, K] float32: evenly spaced input rows, the X of the error being minimised
+
+
+def calibration_text() -> str:
+    return resources.files("turboinfer.layers.quantization").joinpath("calibration.txt").read_text()
+
+
+def collect_input_stats(model: nn.Module, token_ids: list[int], skip: tuple[str, ...] = ("lm_head",),
+                        max_sample_rows: int = 128) -> dict[str, InputStats]:
+    """Run one prefill of `token_ids` through the (float) model and record every Linear's inputs, by module
+    name. The KV cache the attention layers need is a temporary one block long; any cache the layers already
+    hold is put back afterwards."""
+    from turboinfer.layers.linear import Linear
+
+    stats: dict[str, InputStats] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [num_tokens, K]
+            rows = torch.linspace(0, x.shape[0] - 1, min(max_sample_rows, x.shape[0])).round().long()
+            stats[name] = InputStats(x.abs().mean(0), x[rows.to(x.device)].clone())
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, Linear) and name.rsplit(".", 1)[-1] not in skip]
+    try:
+        _prefill(model, token_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _prefill(model: nn.Module, token_ids: list[int]) -> None:
+    from turboinfer.kernels import get_ops
+    from turboinfer.runner.attention_metadata import AttentionMetadata
+
+    n = len(token_ids)
+    param = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
+    device, dtype = param.device, param.dtype
+    layers = model.attention_layers()
+    saved = [(a.k_cache, a.v_cache, a.k_scale, a.v_scale) for a in layers]
+    try:
+        for a in layers:  # block 0 is the null block; the sequence fills block 1
+            a.k_cache = torch.zeros(2, n, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
+            a.v_cache = torch.zeros_like(a.k_cache)
+            a.k_scale = a.v_scale = None
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        meta = AttentionMetadata(ops=get_ops("torch"), slot_mapping=torch.arange(n, 2 * n, device=device),
+                                 num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
+                                 decode_block_tables=empty.view(0, 1), prefill_query_lens=[n], prefill_seq_lens=[n],
+                                 prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
+        with torch.inference_mode():
+            model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
+    finally:
+        for a, (k, v, ks, vs) in zip(layers, saved):
+            a.k_cache, a.v_cache, a.k_scale, a.v_scale = k, v, ks, vs
+
+
+def search_scale(w: torch.Tensor, stats: InputStats, group_size: int) -> torch.Tensor:
+    """-> s [K] float32 minimising the output error of int4 round-to-nearest on stats.sample. w: [N, K]."""
+    w = w.float()
+    x = stats.sample.to(w.device)
+    ref = x @ w.t()
+    mean_abs = stats.mean_abs.to(w.device).clamp(min=1e-4)
+    best_err, best_s = float("inf"), torch.ones_like(mean_abs)
+    for alpha in ALPHA_GRID:
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales so neither end drifts far from 1
+        approx = x @ (quantize_q4(w * s, group_size).dequantize() / s).t()
+        err = (approx - ref).pow(2).mean().item()
+        if err < best_err:
+            best_err, best_s = err, s
+    return best_s
+
+
+def quantize_awq(w: torch.Tensor, stats: InputStats, group_size: int) -> Q4Weight:
+    s = search_scale(w, stats, group_size)
+    return replace(quantize_q4(w.float() * s, group_size), input_scale=1.0 / s)
