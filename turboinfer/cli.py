@@ -62,6 +62,10 @@ def _make_llm(args):
     print(f"Loaded {w.resolved.display_name} ({w.arch.architecture}, {w.dtype}, {w.device}) in "
           f"{w.load_seconds:.1f}s; KV cache {(w.num_blocks - 1) * cfg.block_size} tokens, "
           f"max_model_len {w.max_model_len}", file=sys.stderr, flush=True)
+    from turboinfer.runner.worker import memory_report
+
+    print("Memory (turboinfer estimate's arithmetic, filled with what was allocated):", file=sys.stderr)
+    print("\n".join(memory_report(w, llm.config)), file=sys.stderr, flush=True)
     return llm
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from turboinfer import memory
 from turboinfer.config import EngineConfig, ModelArch, default_num_threads, parse_memory
 from turboinfer.errors import InvalidRequestError
 from turboinfer.loader.model_loader import (check_quantization, init_dummy_weights, load_arch, load_tokenizer,
@@ -25,15 +26,6 @@ CPU_KV_DEFAULT = 2 * 2**30  # default CPU KV budget; raise with --kv-cache-memor
 
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-
-
-def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype) -> int:
-    # K and V, every layer, every KV head: [num_blocks, block_size, kv_heads, head_dim] per layer, plus one
-    # float32 scale per token and head for the quantized caches
-    per_head = arch.head_dim * torch.empty(0, dtype=dtype).element_size()
-    if dtype in KV_DTYPES.values():
-        per_head += 4
-    return 2 * arch.num_layers * arch.num_kv_heads * per_head
 
 
 def available_ram() -> int:
@@ -94,6 +86,44 @@ class Worker:
     num_packed_layers: int  # linear layers computing from quantized weights
 
 
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the loaded weights occupy: parameters plus every tensor a quantized method or table keeps."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        add(p)
+    from turboinfer.layers.attention import Attention
+
+    for mod in model.modules():
+        if isinstance(mod, Attention):  # its tensors are the KV pool, counted apart
+            continue
+        for holder in (mod, getattr(mod, "quant_method", None)):
+            if holder is None:
+                continue
+            for name, value in vars(holder).items():
+                if not name.startswith("_"):
+                    add(value)
+    return total
+
+
+def memory_report(worker: "Worker", cfg: EngineConfig) -> list[str]:
+    """The estimator's breakdown filled in with what this engine really allocated (weights, KV pool)."""
+    est = memory.estimate_inference(
+        worker.arch, name=worker.resolved.display_name, dtype=str(worker.dtype).replace("torch.", ""),
+        kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=worker.max_model_len, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.block_size,
+        device="cuda" if worker.device.startswith("cuda") else "cpu", num_kv_blocks=worker.num_blocks,
+        weight_bytes=model_weight_bytes(worker.runner.model), weights_note="as loaded", cuda_graphs=False)
+    return [f"  {label:<14} {nbytes / 2**20:10.1f} MiB  {note}" for label, nbytes, note in est.breakdown()]
+
+
 def create_worker(cfg: EngineConfig) -> Worker:
     t0 = time.monotonic()
     dummy = cfg.load_format == "dummy"
@@ -111,28 +141,6 @@ def create_worker(cfg: EngineConfig) -> Worker:
                                   f"{arch.max_position_embeddings}")
     max_len = cfg.max_model_len or arch.max_position_embeddings
 
-    kv_dtype = KV_DTYPES.get(cfg.kv_cache_dtype, dtype)
-    per_token = kv_bytes_per_token(arch, kv_dtype)
-    if cfg.num_gpu_blocks_override is not None:
-        num_blocks = cfg.num_gpu_blocks_override + 1
-    else:
-        if cfg.kv_cache_memory != "auto":
-            budget = parse_memory(cfg.kv_cache_memory)
-        elif device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            budget = int(total * cfg.gpu_memory_utilization) - (total - free) - 2 * arch.vocab_size * 4 * 1024
-        else:
-            want = cfg.max_num_seqs * max_len * per_token
-            budget = min(want, CPU_KV_DEFAULT, available_ram() // 4)
-        num_blocks = budget // (per_token * cfg.block_size) + 1  # +1: the null block
-    capacity = (num_blocks - 1) * cfg.block_size
-    if num_blocks < 2:
-        raise InvalidRequestError("the KV-cache budget is smaller than one block; raise --kv-cache-memory")
-    if cfg.max_model_len is not None and cfg.max_model_len > capacity:
-        raise InvalidRequestError(f"--max-model-len {cfg.max_model_len} needs {cfg.max_model_len} KV tokens but the "
-                                  f"cache holds {capacity}; raise --kv-cache-memory or lower --max-model-len")
-    max_len = min(max_len, capacity)
-
     with torch.device(device):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -149,6 +157,33 @@ def create_worker(cfg: EngineConfig) -> Worker:
                                       cfg.awq, tokenizer))
     model.eval()
     release_load_memory()
+
+    # The KV pool is sized after the weights are in memory, so on CUDA it takes what is really left.
+    kv_dtype = KV_DTYPES.get(cfg.kv_cache_dtype, dtype)
+    per_token = memory.kv_cache_bytes_per_token(arch, cfg.kv_cache_dtype, dtype)
+    if cfg.num_gpu_blocks_override is not None:
+        num_blocks = cfg.num_gpu_blocks_override + 1  # + the null block
+    else:
+        if cfg.kv_cache_memory != "auto":
+            budget = parse_memory(cfg.kv_cache_memory)
+        elif device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            from turboinfer.memory.inference import activation_bytes
+
+            activations = activation_bytes(arch, cfg.max_num_batched_tokens, cfg.max_num_seqs, max_len,
+                                           str(dtype).replace("torch.", ""), cfg.kv_cache_dtype)
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations
+        else:
+            want = cfg.max_num_seqs * max_len * per_token
+            budget = min(want, CPU_KV_DEFAULT, available_ram() // 4)
+        num_blocks = memory.num_kv_blocks_for_budget(arch, budget, cfg.block_size, cfg.kv_cache_dtype, dtype)
+    capacity = (num_blocks - 1) * cfg.block_size
+    if num_blocks < 2:
+        raise InvalidRequestError("the KV-cache budget is smaller than one block; raise --kv-cache-memory")
+    if cfg.max_model_len is not None and cfg.max_model_len > capacity:
+        raise InvalidRequestError(f"--max-model-len {cfg.max_model_len} needs {cfg.max_model_len} KV tokens but the "
+                                  f"cache holds {capacity}; raise --kv-cache-memory or lower --max-model-len")
+    max_len = min(max_len, capacity)
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
                          seed=cfg.seed, attention_backend=attention_backend)
     return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,

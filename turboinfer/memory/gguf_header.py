@@ -1,0 +1,270 @@
+"""GGUF weight bytes from the file header alone.
+
+The header (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) lists every tensor's name, ggml type,
+dimensions and data offset; tensor data starts at the next multiple of `general.alignment` after it. A
+quantized tensor is a sequence of blocks, each covering `block_size` weights in `type_size` bytes (scales and
+mins included: Q4_1 is 32 weights in 20 bytes), so its size is numel / block_size * type_size exactly.
+Parsing walks the header with struct over a memory map and skips long arrays (the tokenizer's vocabulary)
+without building them, which takes milliseconds where building every value takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from turboinfer.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from turboinfer.memory.shapes import ModelShape, dtype_bytes, shape_from_hf_config, with_notes
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_KEEP_ARRAY = 1024  # longer arrays are skipped; their length is kept as LongArray
+FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  # ggml types that are plain floats (not block-quantized)
+
+
+@dataclass(frozen=True)
+class LongArray:
+    """A metadata array not read into memory (e.g. tokenizer.ggml.tokens)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # torch order (outermost first): the header's ne reversed
+    ggml_type: int
+    offset: int  # from the start of the data section
+    nbytes: int  # as stored, block scales included
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFHeader:
+    path: str
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+    data_offset: int  # first byte of tensor data: header + metadata + tensor infos + alignment padding
+    file_size: int
+
+
+def _quant_sizes() -> dict[int, tuple[int, int]]:
+    from gguf.constants import GGML_QUANT_SIZES  # ggml type -> (weights per block, bytes per block)
+
+    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+
+
+def type_name(ggml_type: int) -> str:
+    try:
+        from gguf.constants import GGMLQuantizationType
+
+        return GGMLQuantizationType(ggml_type).name
+    except (ImportError, ValueError):
+        return f"type{ggml_type}"
+
+
+class _Cursor:
+    def __init__(self, buf, path: str) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str):
+        try:
+            v = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise ModelLoadError(f"{self.path}: GGUF header is truncated at byte {self.pos}") from None
+        self.pos += struct.calcsize(fmt)
+        return v[0] if len(v) == 1 else v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        end = self.pos + n
+        if end > len(self.buf):
+            raise ModelLoadError(f"{self.path}: GGUF header is truncated at byte {self.pos}")
+        s = bytes(self.buf[self.pos:end]).decode("utf-8", errors="replace")
+        self.pos = end
+        return s
+
+    def skip_string(self) -> None:
+        self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY:
+            raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
+        etype, count = self.take("<I"), self.take("<Q")
+        if count <= _KEEP_ARRAY:
+            return [self.value(etype) for _ in range(count)]
+        if etype in _SCALARS:
+            self.pos += count * struct.calcsize(_SCALARS[etype])
+        elif etype == _STRING:
+            for _ in range(count):
+                self.skip_string()
+        else:
+            for _ in range(count):
+                self.value(etype)
+        if self.pos > len(self.buf):
+            raise ModelLoadError(f"{self.path}: GGUF header is truncated")
+        return LongArray(count)
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"GGUF file {path} does not exist")
+    sizes = _quant_sizes()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ModelLoadError(f"{path} is too short to be a GGUF file ({size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            c = _Cursor(buf, path)
+            if bytes(buf[:4]) != b"GGUF":
+                raise ModelLoadError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
+            c.pos = 4
+            version = c.take("<I")
+            if version not in (2, 3):
+                raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 and 3 are; "
+                                            "a huge number means a big-endian file)")
+            num_tensors, num_kv = c.take("<Q"), c.take("<Q")
+            metadata = {}
+            for _ in range(num_kv):
+                key = c.string()
+                metadata[key] = c.value(c.take("<I"))
+            tensors = []
+            for _ in range(num_tensors):
+                name = c.string()
+                dims = [c.take("<Q") for _ in range(c.take("<I"))]
+                ggml_type, offset = c.take("<I"), c.take("<Q")
+                if ggml_type not in sizes:
+                    raise UnsupportedModelError(f"{path}: tensor {name} has unknown ggml type {ggml_type}")
+                block, type_size = sizes[ggml_type]
+                numel = math.prod(dims)
+                tensors.append(GGUFTensor(name, tuple(reversed(dims)), ggml_type, offset,
+                                          numel // block * type_size))
+            alignment = int(metadata.get("general.alignment", 32))
+            data_offset = -(-c.pos // alignment) * alignment
+    for t in tensors:
+        if data_offset + t.offset + t.nbytes > size:
+            raise ModelLoadError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+    return GGUFHeader(path, version, metadata, tensors, data_offset, size)
+
+
+@dataclass
+class GGUFWeights:
+    """Weight bytes of a GGUF file, three ways."""
+
+    path: str
+    stored_bytes: int  # every tensor as stored in the file (quant blocks with their scales): the file's payload
+    packed_bytes: int  # quantized tensors kept packed, float tensors (norms, F16 weights) converted to `dtype`
+    dequantized_bytes: int  # every tensor dequantized to `dtype` (float32 when dtype is None)
+    dtype: str | None  # the dtype float / dequantized tensors are loaded in
+    num_params: int
+    num_tensors: int
+    data_offset: int  # header size including alignment padding: stored_bytes + data_offset <= file size
+    file_size: int
+    by_type: dict[str, tuple[int, int]] = field(default_factory=dict)  # ggml type -> (tensors, stored bytes)
+
+
+def gguf_weights(header: GGUFHeader, dtype: str | None = None) -> GGUFWeights:
+    elem = dtype_bytes(dtype) if dtype is not None else None
+    stored = packed = dequant = params = 0
+    by_type: dict[str, tuple[int, int]] = {}
+    for t in header.tensors:
+        stored += t.nbytes
+        params += t.numel
+        dequant += t.numel * (elem or 4)
+        packed += t.numel * elem if (elem is not None and t.ggml_type in FLOAT_TYPES) else t.nbytes
+        n, b = by_type.get(type_name(t.ggml_type), (0, 0))
+        by_type[type_name(t.ggml_type)] = (n + 1, b + t.nbytes)
+    return GGUFWeights(header.path, stored, packed, dequant, dtype, params, len(header.tensors),
+                       header.data_offset, header.file_size, by_type)
+
+
+def weight_bytes_from_gguf(path: str | os.PathLike, dtype_for_float_tensors: str | None = None) -> GGUFWeights:
+    """Exact weight bytes of a GGUF file from its header: as stored, kept packed with float tensors in
+    `dtype_for_float_tensors`, and fully dequantized to it."""
+    return gguf_weights(read_gguf_header(path), dtype_for_float_tensors)
+
+
+# general.architecture -> HF model_type, for the numbers KV and activation estimates need.
+_GGUF_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+               "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "granite": "granite",
+               "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2"}
+
+
+def shape_from_gguf(header: GGUFHeader) -> ModelShape:
+    """GGUF metadata -> ModelShape. Missing keys raise naming the GGUF keys."""
+    md = header.metadata
+    arch = str(md.get("general.architecture", ""))
+    names = {t.name: t for t in header.tensors}
+    model_type = _GGUF_TYPES.get(arch)
+    if model_type == "llama" and md.get(f"{arch}.expert_count"):
+        model_type = "mixtral"
+    if model_type is None:
+        raise UnsupportedModelError(f"{header.path}: GGUF architecture {arch or '<missing>'!r} is not known to the "
+                                    f"memory estimator (known: {', '.join(sorted(_GGUF_TYPES))})")
+    notes: list[str] = []
+    missing: list[str] = []
+
+    def get(key: str, default: Any = None, required: bool = False):
+        v = md.get(f"{arch}.{key}", default)
+        if isinstance(v, list):  # per-layer values: the largest is the safe bound
+            if len(set(v)) > 1:
+                notes.append(f"{arch}.{key} varies per layer; the largest value is used")
+            v = max(v) if v else default
+        if v is None and required:
+            missing.append(f"{arch}.{key}")
+        return v
+
+    hidden, layers, heads = get("embedding_length", required=True), get("block_count", required=True), \
+        get("attention.head_count", required=True)
+    emb = names.get("token_embd.weight")
+    vocab = get("vocab_size") or (emb.shape[0] if emb else None)
+    if vocab is None:
+        tokens = md.get("tokenizer.ggml.tokens")
+        vocab = tokens.count if isinstance(tokens, LongArray) else (len(tokens) if tokens else None)
+    if vocab is None:
+        missing.append(f"{arch}.vocab_size")
+    if missing:
+        raise UnsupportedModelError(f"{header.path} lacks GGUF metadata {', '.join(missing)}")
+    cfg: dict[str, Any] = {
+        "model_type": model_type, "vocab_size": int(vocab), "hidden_size": int(hidden),
+        "num_hidden_layers": int(layers), "num_attention_heads": int(heads),
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length") or hidden // heads),
+        "intermediate_size": int(get("feed_forward_length", 0)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names, "sliding_window": get("attention.sliding_window"),
+    }
+    if model_type.startswith("qwen") and cfg["sliding_window"]:
+        cfg["use_sliding_window"] = True
+    if model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"):
+        cfg.update(num_local_experts=get("expert_count"), num_experts_per_tok=get("expert_used_count"),
+                   moe_intermediate_size=get("expert_feed_forward_length") or cfg["intermediate_size"],
+                   shared_expert_intermediate_size=get("expert_shared_feed_forward_length"))
+    if model_type == "deepseek_v2":
+        rope = int(get("rope.dimension_count", 64))
+        cfg.update(kv_lora_rank=get("attention.kv_lora_rank"), q_lora_rank=get("attention.q_lora_rank") or None,
+                   qk_rope_head_dim=rope, qk_nope_head_dim=cfg["head_dim"] - rope,
+                   v_head_dim=get("attention.value_length") or cfg["head_dim"] - rope,
+                   n_shared_experts=get("expert_shared_count", 0),
+                   first_k_dense_replace=get("leading_dense_block_count", 0))
+        if "blk.0.attn_kv_b.weight" not in names and "blk.0.attn_k_b.weight" in names:
+            notes.append("MLA weights are stored split (attn_k_b/attn_v_b); KV numbers are unaffected")
+    try:
+        shape = shape_from_hf_config(cfg)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{header.path}: {e} (read from GGUF metadata)") from None
+    return with_notes(shape, *notes) if notes else shape
