@@ -56,6 +56,10 @@ class Engine:
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         params.validate()
+        vocab = self.worker.arch.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids entry {bad[0]} is outside the vocabulary [0, {vocab})")
         ids = self.tokenize_prompt(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.children:

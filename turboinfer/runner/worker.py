@@ -174,7 +174,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
                                            str(dtype).replace("torch.", ""), cfg.kv_cache_dtype)
             budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations
         else:
-            want = cfg.max_num_seqs * max_len * per_token
+            want = (cfg.max_num_seqs * max_len + cfg.block_size) * per_token  # + the null block
             budget = min(want, CPU_KV_DEFAULT, available_ram() // 4)
         num_blocks = memory.num_kv_blocks_for_budget(arch, budget, cfg.block_size, cfg.kv_cache_dtype, dtype)
     capacity = (num_blocks - 1) * cfg.block_size

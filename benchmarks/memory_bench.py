@@ -1,0 +1,79 @@
+"""Memory estimator vs measurement on CPU: peak resident memory of a fresh process that loads the default model and
+runs a full batch, against `turboinfer estimate`'s total for the same settings.
+
+    python benchmarks/memory_bench.py [--json benchmarks/results/memory_cpu.json]
+
+Each setting runs in its own process. The peak resident size (VmHWM) is reset once the weights are loaded and read
+after max_num_seqs prompts of max_model_len / 2 tokens generated max_model_len / 4 tokens each, so the KV pool and
+the step activations have been touched. The estimate counts the model as stored in memory after loading; the
+extra peak while a GGUF file is mapped and unpacked during loading is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETTINGS = [  # (max_model_len, max_num_seqs, kv_cache_dtype, dtype)
+    (512, 1, "auto", "auto"),
+    (512, 4, "auto", "auto"),
+    (2048, 4, "auto", "auto"),
+    (1024, 16, "auto", "auto"),
+    (1024, 4, "int8", "float32"),
+]
+
+PROBE = r"""
+import json, sys
+from turboinfer import LLM, SamplingParams
+max_len, seqs, kv, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+llm = LLM(max_model_len=max_len, max_num_seqs=seqs, kv_cache_dtype=kv, dtype=dtype)
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+after_load = hwm()
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak: loading's transient is reported apart
+prompts = [[100 + (i * 7 + j) % 4000 for j in range(max_len // 2)] for i in range(seqs)]
+llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_len // 4, ignore_eos=True), use_tqdm=False)
+peak = hwm()
+from turboinfer.runner.worker import model_weight_bytes
+from turboinfer import memory
+w, cfg = llm.engine.worker, llm.config
+est = memory.estimate_inference(w.arch, dtype=str(w.dtype).replace("torch.", ""), kv_cache_dtype=kv,
+    max_model_len=w.max_model_len, max_num_seqs=seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+    block_size=cfg.block_size, device="cpu", num_kv_blocks=w.num_blocks, weight_bytes=model_weight_bytes(w.runner.model))
+print(json.dumps({"peak_rss": peak, "peak_rss_after_load": after_load, "estimate": est.total,
+                  "kv_bytes": llm.engine.runner.kv_cache_bytes(), "kv_estimate": est.kv_cache,
+                  "dtype": str(w.dtype).replace("torch.", "")}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "memory_cpu.json"))
+    args = ap.parse_args()
+    rows = []
+    for max_len, seqs, kv, dtype in SETTINGS:
+        out = subprocess.run([sys.executable, "-c", PROBE, str(max_len), str(seqs), kv, dtype], capture_output=True,
+                             text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r.update(max_model_len=max_len, max_num_seqs=seqs, kv_cache_dtype=kv)
+        r["ratio"] = r["peak_rss"] / r["estimate"]
+        print(r, file=sys.stderr)
+        rows.append(r)
+    from cpu_bench import machine
+
+    record = {"benchmark": "memory_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "machine": machine(), "model": "smollm2-135m-instruct",
+              "rows": rows}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()

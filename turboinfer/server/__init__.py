@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: `turboinfer serve`, or `build_app(AsyncEngine(...), name)` to embed it."""
