@@ -83,13 +83,7 @@ def _load_and_quantize(resolved, device: torch.device, dtype: torch.dtype, cfg):
     from turboinfer.models.registry import build_model
 
     arch = load_arch(resolved)
-    with torch.device(device):
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            net = build_model(arch)
-        finally:
-            torch.set_default_dtype(prev)
+    net = build_model(arch, device, dtype)
     load_weights_into(net, resolved, device)
     tokenizer = load_tokenizer(resolved) if cfg.awq else None
     return net, quantize_loaded(net, resolved, device, cfg.quantization, cfg.quant_group_size, cfg.awq, tokenizer)

@@ -8,9 +8,18 @@ from turboinfer.config import LLAMA_FAMILY, ModelArch
 from turboinfer.errors import UnsupportedModelError
 
 
-def build_model(arch: ModelArch) -> nn.Module:
-    if arch.architecture in LLAMA_FAMILY:
-        from turboinfer.models.llama import LlamaForCausalLM
+def build_model(arch: ModelArch, device=None, dtype=None) -> nn.Module:
+    """The model with uninitialised parameters created directly on `device` in `dtype` (weights load later)."""
+    import torch
 
-        return LlamaForCausalLM(arch)
-    raise UnsupportedModelError(f"architecture {arch.architecture!r} is not supported")
+    if arch.architecture not in LLAMA_FAMILY:
+        raise UnsupportedModelError(f"architecture {arch.architecture!r} is not supported")
+    from turboinfer.models.llama import LlamaForCausalLM
+
+    prev = torch.get_default_dtype()
+    with torch.device(device or "cpu"):
+        torch.set_default_dtype(dtype or prev)
+        try:
+            return LlamaForCausalLM(arch)
+        finally:
+            torch.set_default_dtype(prev)

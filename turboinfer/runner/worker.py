@@ -141,13 +141,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
                                   f"{arch.max_position_embeddings}")
     max_len = cfg.max_model_len or arch.max_position_embeddings
 
-    with torch.device(device):
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = build_model(arch)
-        finally:
-            torch.set_default_dtype(prev)
+    model = build_model(arch, device, dtype)
     if dummy:
         init_dummy_weights(model, cfg.seed)
         num_packed = 0
