@@ -1,5 +1,6 @@
-"""Memory estimator vs measurement on CPU: peak resident memory of a fresh process that loads the default model and
-runs a full batch, against `turboinfer estimate`'s total for the same settings.
+"""Memory estimator vs measurement on CPU: peak resident memory of a fresh process that loads a model and runs a
+full batch, against `turboinfer estimate`'s total for the same settings. Models: the default SmolLM2-135M GGUF
+(packed 4-bit) and Qwen2-0.5B's configuration with random bf16 weights (`--load-format dummy`).
 
     python benchmarks/memory_bench.py [--json benchmarks/results/memory_cpu.json]
 
@@ -19,19 +20,28 @@ import sys
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETTINGS = [  # (max_model_len, max_num_seqs, kv_cache_dtype, dtype)
-    (512, 1, "auto", "auto"),
-    (512, 4, "auto", "auto"),
-    (2048, 4, "auto", "auto"),
-    (1024, 16, "auto", "auto"),
-    (1024, 4, "int8", "float32"),
+SETTINGS = [  # (model, max_model_len, max_num_seqs, kv_cache_dtype, dtype)
+    ("smollm2-135m-instruct", 512, 1, "auto", "auto"),
+    ("smollm2-135m-instruct", 512, 4, "auto", "auto"),
+    ("smollm2-135m-instruct", 2048, 4, "auto", "auto"),
+    ("smollm2-135m-instruct", 1024, 16, "auto", "auto"),
+    ("smollm2-135m-instruct", 1024, 4, "int8", "float32"),
+    ("qwen2-0.5b-shape", 1024, 4, "auto", "auto"),
+    ("qwen2-0.5b-shape", 2048, 8, "int8", "auto"),
 ]
+# Qwen2-0.5B's configuration (random weights via --load-format dummy): a second architecture and size, no download.
+QWEN2_05B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+             "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+             "rope_theta": 1000000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+             "bos_token_id": 151643, "eos_token_id": 151645}
 
 PROBE = r"""
 import json, sys
 from turboinfer import LLM, SamplingParams
-max_len, seqs, kv, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-llm = LLM(max_model_len=max_len, max_num_seqs=seqs, kv_cache_dtype=kv, dtype=dtype)
+model, max_len, seqs, kv, dtype = sys.argv[5], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+fmt = "dummy" if model.endswith(".json") else "auto"
+llm = LLM(model, max_model_len=max_len, max_num_seqs=seqs, kv_cache_dtype=kv, dtype=dtype, load_format=fmt)
 def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 after_load = hwm()
@@ -55,19 +65,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "memory_cpu.json"))
     args = ap.parse_args()
+    import tempfile
+
     rows = []
-    for max_len, seqs, kv, dtype in SETTINGS:
-        out = subprocess.run([sys.executable, "-c", PROBE, str(max_len), str(seqs), kv, dtype], capture_output=True,
-                             text=True, check=True)
+    tmp = tempfile.mkdtemp()
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(QWEN2_05B, f)
+    for name, max_len, seqs, kv, dtype in SETTINGS:
+        model = os.path.join(tmp, "config.json") if name == "qwen2-0.5b-shape" else name
+        out = subprocess.run([sys.executable, "-c", PROBE, str(max_len), str(seqs), kv, dtype, model],
+                             capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        r.update(max_model_len=max_len, max_num_seqs=seqs, kv_cache_dtype=kv)
+        r.update(model=name, max_model_len=max_len, max_num_seqs=seqs, kv_cache_dtype=kv)
         r["ratio"] = r["peak_rss"] / r["estimate"]
         print(r, file=sys.stderr)
         rows.append(r)
     from cpu_bench import machine
 
     record = {"benchmark": "memory_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "machine": machine(), "model": "smollm2-135m-instruct",
+              "command": "python " + " ".join(sys.argv), "machine": machine(),
               "rows": rows}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

@@ -169,15 +169,14 @@ def render_bench_serve(r: dict) -> str:
 
 def render_memory_cpu(r: dict) -> str:
     mib = 2 ** 20
-    lines = ["## Memory estimator vs measured peak (CPU)", "",
-             f"Model `{r['model']}`; " + _machine(r), f"Command: `{r['command']}`.", "",
+    lines = ["## Memory estimator vs measured peak (CPU)", "", _machine(r), f"Command: `{r['command']}`.", "",
              "Peak resident memory of a fresh process over a full batch (the peak is reset after loading; the "
              "loading peak is listed apart) against `turboinfer estimate`'s total for the same settings.", "",
-             "| max_model_len | sequences | KV dtype | dtype | estimate MiB | measured peak MiB | ratio | "
+             "| model | max_model_len | sequences | KV dtype | dtype | estimate MiB | measured peak MiB | ratio | "
              "KV pool = estimate | loading peak MiB |",
-             "|---:|---:|---|---|---:|---:|---:|---|---:|"]
+             "|---|---:|---:|---|---|---:|---:|---:|---|---:|"]
     for x in r["rows"]:
-        lines.append(f"| {x['max_model_len']} | {x['max_num_seqs']} | {x['kv_cache_dtype']} | {x['dtype']} | "
+        lines.append(f"| {x.get('model', r.get('model'))} | {x['max_model_len']} | {x['max_num_seqs']} | {x['kv_cache_dtype']} | {x['dtype']} | "
                      f"{x['estimate'] / mib:.0f} | {x['peak_rss'] / mib:.0f} | {x['ratio']:.2f} | "
                      f"{'yes' if x['kv_bytes'] == x['kv_estimate'] else 'no'} | {x['peak_rss_after_load'] / mib:.0f} |")
     return "\n".join(lines)
