@@ -107,3 +107,13 @@ def round_to_e4m3(y):
     subnormal = round_half_even(y * 512.0) * (1.0 / 512.0)  # below 2**-6 the e4m3 step is a fixed 2**-9
     subnormal = tl.where(subnormal == 0.0, y * 0.0, subnormal)  # keep the sign of a zero, as the cast does
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+def check_query(q: torch.Tensor, num_kv_heads: int, head_dim: int, rows: str) -> None:
+    """q: [rows, num_heads, head_dim], num_heads a multiple of the KV heads, float, head_dim contiguous."""
+    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+        raise ValueError(f"q must be [{rows}, num_heads, {head_dim}] with num_heads a multiple of "
+                         f"{num_kv_heads} KV heads, got {tuple(q.shape)}")
+    if q.dtype not in FLOAT_DTYPES or q.stride(-1) != 1:
+        raise ValueError(f"q must be float16/bfloat16/float32 with a contiguous head_dim, got {q.dtype} "
+                         f"strides {q.stride()}")

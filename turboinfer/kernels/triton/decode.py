@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from turboinfer.kernels.triton.common import FLOAT_DTYPES, check_block_tables, check_cache, dot_config, head_dim_block
+from turboinfer.kernels.triton.common import (check_block_tables, check_cache, check_query, dot_config,
+                                             head_dim_block)
 
 PROGRAMS_PER_SM = 4  # resident programs per SM wanted in flight to cover memory latency
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (load q, write a partial, reduce) is not repaid
@@ -156,12 +157,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     device = q.device
     quantized = check_cache(k_cache, v_cache, k_scale, v_scale, device)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
-        raise ValueError(f"q must be [batch, num_heads, {head_dim}] with num_heads a multiple of "
-                         f"{num_kv_heads} KV heads, got {tuple(q.shape)}")
-    if q.dtype not in FLOAT_DTYPES or q.stride(-1) != 1:
-        raise ValueError(f"q must be float16/bfloat16/float32 with a contiguous head_dim, got {q.dtype} "
-                         f"strides {q.stride()}")
+    check_query(q, num_kv_heads, head_dim, "batch")
     batch, num_heads = q.shape[:2]
     if (seq_lens.dim() != 1 or seq_lens.shape[0] != batch or seq_lens.dtype not in (torch.int32, torch.int64)
             or seq_lens.device != device):

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from turboinfer.kernels.triton.common import FLOAT_DTYPES, check_block_tables, check_cache, dot_config, head_dim_block
+from turboinfer.kernels.triton.common import (check_block_tables, check_cache, check_query, dot_config,
+                                             head_dim_block)
 
 
 @triton.jit
@@ -146,12 +147,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     device = q.device
     quantized = check_cache(k_cache, v_cache, k_scale, v_scale, device)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
-        raise ValueError(f"q must be [num_tokens, num_heads, {head_dim}] with num_heads a multiple of "
-                         f"{num_kv_heads} KV heads, got {tuple(q.shape)}")
-    if q.dtype not in FLOAT_DTYPES or q.stride(-1) != 1:
-        raise ValueError(f"q must be float16/bfloat16/float32 with a contiguous head_dim, got {q.dtype} "
-                         f"strides {q.stride()}")
+    check_query(q, num_kv_heads, head_dim, "num_tokens")
     if len(query_lens) != len(seq_lens) or sum(query_lens) != q.shape[0]:
         raise ValueError(f"{len(query_lens)} query_lens summing to {sum(query_lens)} and {len(seq_lens)} seq_lens "
                          f"do not describe q's {q.shape[0]} tokens")
