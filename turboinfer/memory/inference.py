@@ -252,15 +252,8 @@ def max_context_len(arch, device_memory: int, max_num_seqs: int = 1, **kw) -> in
     Not capped by the model's own context length; compare with ModelShape.max_position_embeddings."""
     s = model_shape(arch)
     kw = _fixed_weights(s, kw)
-    per_seq_token = kv_cache_bytes_per_token(s, kw.get("kv_cache_dtype", "auto"),
-                                             resolve_compute_dtype(kw.get("dtype", "auto"), kw.get("device", "cuda")),
-                                             kw.get("tp_size", 1)) * max_num_seqs
-    hi = max(1, device_memory // max(1, per_seq_token) + 1)
-    n = _largest(lambda n: estimate_inference(s, **{**kw, "max_model_len": n, "max_num_seqs": max_num_seqs})
-                 .total <= device_memory, hi)
-    if n == 0:
-        raise _nothing_fits(s, device_memory, kw)
-    return n
+    return _largest_fitting(s, kw, device_memory, max_num_seqs,
+                            lambda n: {"max_model_len": n, "max_num_seqs": max_num_seqs})
 
 
 def max_num_seqs(arch, device_memory: int, max_model_len: int | None = None, **kw) -> int:
@@ -268,12 +261,16 @@ def max_num_seqs(arch, device_memory: int, max_model_len: int | None = None, **k
     s = model_shape(arch)
     kw = _fixed_weights(s, kw)
     length = s.max_position_embeddings if max_model_len is None else max_model_len
-    per_seq = kv_cache_bytes_per_token(s, kw.get("kv_cache_dtype", "auto"),
-                                       resolve_compute_dtype(kw.get("dtype", "auto"), kw.get("device", "cuda")),
-                                       kw.get("tp_size", 1)) * length
-    hi = max(1, device_memory // max(1, per_seq) + 1)
-    n = _largest(lambda n: estimate_inference(s, **{**kw, "max_model_len": length, "max_num_seqs": n})
-                 .total <= device_memory, hi)
+    return _largest_fitting(s, kw, device_memory, length, lambda n: {"max_model_len": length, "max_num_seqs": n})
+
+
+def _largest_fitting(s, kw: dict, device_memory: int, tokens_per_unit: int, settings) -> int:
+    """Largest n whose estimate with `settings(n)` fits; the KV bytes of n units bound the search from above."""
+    per_unit = kv_cache_bytes_per_token(s, kw.get("kv_cache_dtype", "auto"),
+                                        resolve_compute_dtype(kw.get("dtype", "auto"), kw.get("device", "cuda")),
+                                        kw.get("tp_size", 1)) * tokens_per_unit
+    hi = max(1, device_memory // max(1, per_unit) + 1)
+    n = _largest(lambda n: estimate_inference(s, **{**kw, **settings(n)}).total <= device_memory, hi)
     if n == 0:
         raise _nothing_fits(s, device_memory, kw)
     return n
