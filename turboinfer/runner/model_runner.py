@@ -8,6 +8,7 @@ import torch
 from turboinfer.engine.batch import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult
 from turboinfer.kernels import get_ops
 from turboinfer.runner.attention_metadata import AttentionMetadata
+from turboinfer.runner.cpu_decode import MAX_BATCH, create_cpu_decoder
 from turboinfer.runner.sampler import Sampler, top_logprobs
 
 
@@ -33,6 +34,9 @@ class ModelRunner:
                 attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
                 attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
             self.kv_caches.append((attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale))
+        # Small all-decode steps in one C call where the model qualifies (see runner/cpu_decode.py).
+        self.cpu_decoder = create_cpu_decoder(model, device, dtype, kv_dtype, block_size,
+                                              (num_blocks - 1) * block_size)
 
     def kv_cache_bytes(self) -> int:
         """Bytes of every KV tensor allocated (codes and scales), for the memory report."""
@@ -79,6 +83,9 @@ class ModelRunner:
         order = sorted(range(len(sched.seqs)),
                        key=lambda i: not (sched.seqs[i].num_new_tokens == 1 and sched.seqs[i].start_pos > 0))
         seqs = [sched.seqs[i] for i in order]
+        if self.cpu_decoder is not None and len(seqs) <= MAX_BATCH and all(
+                s.num_new_tokens == 1 and s.start_pos > 0 and s.sample and not s.prompt_logprobs for s in seqs):
+            return self._execute_cpu_decode(sched.seqs)
         input_ids, positions, meta = self._prepare(seqs)
         hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
 
@@ -112,6 +119,12 @@ class ModelRunner:
         for pos, i in enumerate(order):
             out[i] = results[pos]
         return ModelOutput(out)
+
+    def _execute_cpu_decode(self, seqs: list[ScheduledSeq]) -> ModelOutput:
+        logits = self.cpu_decoder([s.request.all_token_ids[s.start_pos] for s in seqs], [s.start_pos for s in seqs],
+                                  [s.block_ids for s in seqs])
+        tokens, lps = self.sampler(logits, [s.request for s in seqs])
+        return ModelOutput([SeqResult(t, logprobs=lp) for t, lp in zip(tokens, lps)])
 
     def _prompt_logprobs(self, s: ScheduledSeq, logits: torch.Tensor) -> list[dict]:
         # Row j predicts the token at position start_pos + j + 1; only prompt positions are scored here.

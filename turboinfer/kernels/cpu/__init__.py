@@ -1,0 +1,90 @@
+"""C kernels for the CPU decode step (decode.c), compiled on first use with the system C compiler.
+
+The library is built for this machine's CPU (-march=native) into ~/.cache/turboinfer/kernels under a name that
+hashes the source, the flags, the compiler and the CPU's feature flags, so a change to any of them rebuilds it and
+a cache shared between machines never hands one CPU another's binary. Without a compiler the engine runs the
+PyTorch path and says why once. OpenMP comes from the runtime torch already loaded (same soname), so both share
+one thread pool instead of fighting over the cores."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("turboinfer")
+
+SOURCE = Path(__file__).with_name("decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+ENV_SWITCH = "TURBOINFER_CPU_KERNELS"  # "0" turns the C decode path off
+
+_cache: dict[tuple[str, ...], ctypes.CDLL | None] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TURBOINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "turboinfer")
+    return Path(root) / "kernels"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "no", "off")
+
+
+def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled decode library, or None (with one log line saying why) when it cannot be built."""
+    key = tuple(extra_flags)
+    if key in _cache:
+        return _cache[key]
+    lib = None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: the CPU decode step runs on the PyTorch path")
+    else:
+        try:
+            lib = _build(compiler, FLAGS + key)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            log.warning("building the CPU decode kernels failed, using the PyTorch path: %s", detail[-500:])
+    _cache[key] = lib
+    return lib
+
+
+def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    digest = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
+    target = _cache_dir() / f"decode-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: processes compiling at once never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
+                           text=True)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.ti_workspace_floats.restype = ctypes.c_size_t
+    lib.ti_workspace_floats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.ti_decode_step.restype = ctypes.c_int
+    lib.ti_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int]
+    return lib

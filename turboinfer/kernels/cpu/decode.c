@@ -1,0 +1,438 @@
+/* One decode step of a Llama-family model on the CPU, every layer in one call.
+ *
+ * Why it exists: at batch 1 a small model's decode step is ~1,600 tiny PyTorch ops, and their dispatch costs
+ * more than the matmuls. Here the whole step is one OpenMP region: the int4 matmuls read torch's own packed
+ * layout (the same tensors the PyTorch path uses, so no second copy of the weights), the Q8_0 tied output
+ * projection reads the embedding's int8 codes, and norms, RoPE, the KV store and paged attention are plain loops.
+ * Activations stay float32 from start to end.
+ *
+ * Layouts (checked from Python before a model is accepted):
+ *   int4 weight [N, K] : bytes [N / 64, K, 32]; byte j of row-block b at input k holds output b*64 + j in its low
+ *                        nibble and output b*64 + 32 + j in its high nibble (torch's int4pack for CPU);
+ *                        scales [K / group, N, 2] bf16 (s, z8) with w = (q - 8) * s + z8.
+ *   Q8_0 table [V, H]  : codes [H / 32, V, 32] int8, scales [H / 32, V] float32; w = code * scale.
+ *   KV cache           : [num_blocks, block_size, num_kv_heads, head_dim], float32 or bf16 (flag kv_bf16).
+ *   rotary             : cos, sin [max_position, head_dim / 2] float32, rotate-half (HF) layout.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_BLOCK_SIZE, D_GROUP,
+       D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_NUM_DIMS };
+enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, P_GU_S, P_DOWN_W, P_DOWN_S,
+       P_K_CACHE, P_V_CACHE, P_PER_LAYER };
+enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_NUM };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's conversion */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_w(const void *p, int i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* ---------------------------------------------------------------- exp, for softmax and SiLU */
+#ifdef __AVX512F__
+static inline __m512 exp512(__m512 x) {
+    /* exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2 / 2; degree-6 Taylor on r: relative error < 2e-7 */
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* ---------------------------------------------------------------- small vector ops (one thread) */
+static void rms_norm(const float *x, const void *w, int bf16, int n, float eps, float *out) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * load_w(w, i, bf16);
+}
+
+static void silu_mul(const float *gu, int inter, float *out) {  /* gu: [gate | up] */
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= inter; i += 16) {
+        __m512 g = _mm512_loadu_ps(gu + i), u = _mm512_loadu_ps(gu + inter + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(s, u));
+    }
+#endif
+    for (; i < inter; i++) out[i] = gu[i] / (1.f + expf(-gu[i])) * gu[inter + i];
+}
+
+static void rope(float *head, int half, const float *cos, const float *sin) {  /* rotate-half layout */
+    for (int i = 0; i < half; i++) {
+        float a = head[i], b = head[i + half];
+        head[i] = a * cos[i] - b * sin[i];
+        head[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/* ---------------------------------------------------------------- int4 matmul, torch's CPU packing */
+/* y[m, n] = sum_k x[m, k] W[n, k] for the 64 outputs of row-block nb, m < mc (<= 4). xsum[m, g] = sum of x over
+ * group g, which carries the zero points: W = q s + (z8 - 8 s) so y = sum_g s_g (x_g . q_g) + (z8 - 8 s)_g xsum_g. */
+static void q4_block(const float *x, int ldx, const float *xsum, int ldxs, int mc, int K, int N, int group,
+                     const uint8_t *w, const uint16_t *sz, int nb, float *y, int ldy) {
+    const uint8_t *base = w + (size_t)nb * K * 32;
+#ifdef __AVX512F__
+    __m512 acc[4][4];
+    for (int m = 0; m < 4; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set1_epi32(15);
+    for (int g = 0; g < K / group; g++) {
+        __m512 ga[4][4];
+        for (int m = 0; m < 4; m++)
+            for (int j = 0; j < 4; j++) ga[m][j] = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k++) {
+            const uint8_t *p = base + (size_t)k * 32;
+            __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));       /* outputs 0..15 | 32..47 */
+            __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))); /* 16..31 | 48..63 */
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, lo));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, lo));
+            __m512 w2 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4));
+            __m512 w3 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4));
+            for (int m = 0; m < mc; m++) {
+                __m512 xb = _mm512_set1_ps(x[(size_t)m * ldx + k]);
+                ga[m][0] = _mm512_fmadd_ps(w0, xb, ga[m][0]);
+                ga[m][1] = _mm512_fmadd_ps(w1, xb, ga[m][1]);
+                ga[m][2] = _mm512_fmadd_ps(w2, xb, ga[m][2]);
+                ga[m][3] = _mm512_fmadd_ps(w3, xb, ga[m][3]);
+            }
+        }
+        const uint32_t *pz = (const uint32_t *)(sz + ((size_t)g * N + (size_t)nb * 64) * 2);
+        for (int j = 0; j < 4; j++) {
+            __m512i pair = _mm512_loadu_si512(pz + 16 * j);  /* (s, z8) bf16 pairs of 16 outputs */
+            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 z8 = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000u)));
+            __m512 z = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z8);
+            for (int m = 0; m < mc; m++) {
+                acc[m][j] = _mm512_fmadd_ps(ga[m][j], s, acc[m][j]);
+                acc[m][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[(size_t)m * ldxs + g]), acc[m][j]);
+            }
+        }
+    }
+    for (int m = 0; m < mc; m++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + (size_t)m * ldy + nb * 64 + 16 * j, acc[m][j]);
+#else
+    float acc[4][64], ga[4][64];
+    memset(acc, 0, sizeof acc);
+    for (int g = 0; g < K / group; g++) {
+        memset(ga, 0, sizeof ga);
+        for (int k = g * group; k < (g + 1) * group; k++) {
+            const uint8_t *p = base + (size_t)k * 32;
+            for (int m = 0; m < mc; m++) {
+                float xv = x[(size_t)m * ldx + k];
+                for (int j = 0; j < 32; j++) {
+                    ga[m][j] += xv * (float)(p[j] & 15);
+                    ga[m][j + 32] += xv * (float)(p[j] >> 4);
+                }
+            }
+        }
+        const uint16_t *pz = sz + ((size_t)g * N + (size_t)nb * 64) * 2;
+        for (int j = 0; j < 64; j++) {
+            float s = bf16_to_f32(pz[2 * j]), z = bf16_to_f32(pz[2 * j + 1]) - 8.f * s;
+            for (int m = 0; m < mc; m++) acc[m][j] += ga[m][j] * s + z * xsum[(size_t)m * ldxs + g];
+        }
+    }
+    for (int m = 0; m < mc; m++)
+        for (int j = 0; j < 64; j++) y[(size_t)m * ldy + nb * 64 + j] = acc[m][j];
+#endif
+}
+
+/* Called by every thread of the region: row-blocks are split across threads, then all wait. */
+static void q4_matmul(const float *x, int M, int K, int N, int group, const uint8_t *w, const uint16_t *sz,
+                      const void *bias, int bias_bf16, float *y, float *xsum) {
+    #pragma omp for schedule(static)
+    for (int i = 0; i < M * (K / group); i++) {
+        int m = i / (K / group), g = i % (K / group);
+        float s = 0;
+        for (int k = g * group; k < (g + 1) * group; k++) s += x[(size_t)m * K + k];
+        xsum[i] = s;
+    }
+    int nblocks = N / 64, mchunks = (M + 3) / 4;
+    #pragma omp for schedule(static)
+    for (int t = 0; t < nblocks * mchunks; t++) {
+        /* consecutive t share a row-block, so its weights are read from memory once and from cache after */
+        int nb = t / mchunks, m0 = (t % mchunks) * 4, mc = M - m0 < 4 ? M - m0 : 4;
+        q4_block(x + (size_t)m0 * K, K, xsum + (size_t)m0 * (K / group), K / group, mc, K, N, group, w, sz, nb,
+                 y + (size_t)m0 * N, N);
+        if (bias)
+            for (int m = m0; m < m0 + mc; m++)
+                for (int j = nb * 64; j < nb * 64 + 64; j++) y[(size_t)m * N + j] += load_w(bias, j, bias_bf16);
+    }
+}
+
+/* ---------------------------------------------------------------- Q8_0 tied output projection */
+/* x is first quantized to int16 with one scale per row (|error| <= max|x| / 65534, finer than the bf16 rounding
+ * the PyTorch path applies); then each (row, group of 32) is one int16 multiply-add of the codes, and the group
+ * scale is applied to the 16 partial sums. Rows go 16 at a time through all groups so their accumulators stay in
+ * registers while 512 contiguous bytes of each group's table stream in (prefetched four chunks ahead: 18
+ * interleaved streams are more than the hardware prefetcher follows well). */
+#define LOGIT_ROWS 16
+static float q8_logit_row(const float *x, int H, int V, const int8_t *codes, const float *scales, int r) {
+    float s = 0;
+    for (int g = 0; g < H / 32; g++) {
+        const int8_t *c = codes + ((size_t)g * V + r) * 32;
+        float t = 0;
+        for (int j = 0; j < 32; j++) t += c[j] * x[g * 32 + j];
+        s += t * scales[(size_t)g * V + r];
+    }
+    return s;
+}
+
+static void q8_logits(const float *x, int M, int H, int V, const int8_t *codes, const float *scales, float *out,
+                      int16_t *xq, float *dx) {
+    int ngroups = H / 32, nchunks = V / LOGIT_ROWS;
+#ifdef __AVX512BW__
+    #pragma omp single
+    for (int m = 0; m < M; m++) {
+        float amax = 0;
+        for (int i = 0; i < H; i++) amax = fabsf(x[(size_t)m * H + i]) > amax ? fabsf(x[(size_t)m * H + i]) : amax;
+        dx[m] = amax > 0 ? amax / 32767.f : 1.f;
+        for (int i = 0; i < H; i++) xq[(size_t)m * H + i] = (int16_t)lrintf(x[(size_t)m * H + i] / dx[m]);
+    }
+    int mpairs = (M + 1) / 2;
+    #pragma omp for schedule(static)
+    for (int t = 0; t < nchunks * mpairs; t++) {  /* pairs of rows of x over one chunk of the table, then the next */
+        int r0 = (t / mpairs) * LOGIT_ROWS, m0 = (t % mpairs) * 2, m1 = m0 + 1 < M ? m0 + 1 : m0;
+        __m512 acc0[LOGIT_ROWS], acc1[LOGIT_ROWS];
+        for (int r = 0; r < LOGIT_ROWS; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+        for (int g = 0; g < ngroups; g++) {
+            __m512i x0 = _mm512_loadu_si512(xq + (size_t)m0 * H + g * 32);
+            __m512i x1 = _mm512_loadu_si512(xq + (size_t)m1 * H + g * 32);
+            const int8_t *c = codes + ((size_t)g * V + r0) * 32;
+            const float *d = scales + (size_t)g * V + r0;
+            for (int l = 0; l < LOGIT_ROWS * 32; l += 64)  /* the same group's rows four chunks ahead */
+                _mm_prefetch((const char *)c + 4 * LOGIT_ROWS * 32 + l, _MM_HINT_T0);
+            for (int r = 0; r < LOGIT_ROWS; r++) {
+                __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + r * 32)));
+                __m512 dr = _mm512_set1_ps(d[r]);
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, x0)), dr, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, x1)), dr, acc1[r]);
+            }
+        }
+        for (int r = 0; r < LOGIT_ROWS; r++) {
+            out[(size_t)m0 * V + r0 + r] = _mm512_reduce_add_ps(acc0[r]) * dx[m0];
+            if (m1 != m0) out[(size_t)m1 * V + r0 + r] = _mm512_reduce_add_ps(acc1[r]) * dx[m1];
+        }
+    }
+#else
+    (void)xq, (void)dx;
+    #pragma omp for schedule(static)
+    for (int t = 0; t < nchunks * M; t++) {
+        int r0 = (t % nchunks) * LOGIT_ROWS, m = t / nchunks;
+        for (int r = r0; r < r0 + LOGIT_ROWS; r++)
+            out[(size_t)m * V + r] = q8_logit_row(x + (size_t)m * H, H, V, codes, scales, r);
+    }
+#endif
+    #pragma omp single
+    for (int m = 0; m < M; m++)  /* rows past the last whole chunk */
+        for (int r = nchunks * LOGIT_ROWS; r < V; r++)
+            out[(size_t)m * V + r] = q8_logit_row(x + (size_t)m * H, H, V, codes, scales, r);
+}
+
+/* ---------------------------------------------------------------- paged attention for one query head */
+static inline float dot_kv(const float *q, const void *kv, int bf16, int d) {
+    int i = 0;
+    float s = 0;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    if (bf16) {
+        for (; i + 16 <= d; i += 16) {
+            __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i)));
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), acc);
+        }
+    } else {
+        for (; i + 16 <= d; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps((const float *)kv + i), acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < d; i++) s += q[i] * load_w(kv, i, bf16);
+    return s;
+}
+
+static inline void axpy_kv(float a, const void *kv, int bf16, int d, float *out) {
+    int i = 0;
+#ifdef __AVX512F__
+    __m512 av = _mm512_set1_ps(a);
+    if (bf16) {
+        for (; i + 16 <= d; i += 16) {
+            __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i)));
+            _mm512_storeu_ps(out + i, _mm512_fmadd_ps(av, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)),
+                                                      _mm512_loadu_ps(out + i)));
+        }
+    } else {
+        for (; i + 16 <= d; i += 16)
+            _mm512_storeu_ps(out + i, _mm512_fmadd_ps(av, _mm512_loadu_ps((const float *)kv + i),
+                                                      _mm512_loadu_ps(out + i)));
+    }
+#endif
+    for (; i < d; i++) out[i] += a * load_w(kv, i, bf16);
+}
+
+static void attend(const float *q, const char *k_cache, const char *v_cache, size_t row_bytes, size_t head_bytes,
+                   int bf16, const int64_t *block_table, int block_size, int seq_len, int window, int d,
+                   float scale, float *scores, float *out) {
+    int start = window > 0 && seq_len > window ? seq_len - window : 0;
+    float mx = -INFINITY;
+    for (int t = start; t < seq_len; t++) {
+        size_t row = (size_t)block_table[t / block_size] * block_size + t % block_size;
+        float s = dot_kv(q, k_cache + row * row_bytes + head_bytes, bf16, d) * scale;
+        scores[t - start] = s;
+        mx = s > mx ? s : mx;
+    }
+    int n = seq_len - start, t = 0;
+    float sum = 0;
+#ifdef __AVX512F__
+    __m512 sv = _mm512_setzero_ps();
+    for (; t + 16 <= n; t += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(mx)));
+        _mm512_storeu_ps(scores + t, e);
+        sv = _mm512_add_ps(sv, e);
+    }
+    sum = _mm512_reduce_add_ps(sv);
+#endif
+    for (; t < n; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    memset(out, 0, sizeof(float) * d);
+    for (t = start; t < seq_len; t++) {
+        size_t row = (size_t)block_table[t / block_size] * block_size + t % block_size;
+        axpy_kv(scores[t - start] / sum, v_cache + row * row_bytes + head_bytes, bf16, d, out);
+    }
+}
+
+/* ---------------------------------------------------------------- the step */
+/* dims: D_NUM_DIMS ints; fparams: eps, attn_scale; ptrs: P_PER_LAYER per layer then G_NUM globals.
+ * x: [M, hidden] float32 embeddings in, final normed hidden out. positions, seq_lens: [M]; block_tables [M, bt_stride].
+ * logits: [M, vocab] (when dims[D_LOGITS]). work: float32 scratch, see ti_workspace_floats. */
+size_t ti_workspace_floats(const int64_t *dims, int M, int nthreads) {
+    int64_t H = dims[D_HIDDEN], nh = dims[D_HEADS], nkv = dims[D_KV_HEADS], hd = dims[D_HEAD_DIM];
+    int64_t I = dims[D_INTER];
+    int64_t qkv = (nh + 2 * nkv) * hd;
+    int64_t big = qkv > 2 * I ? qkv : 2 * I;
+    int64_t kmax = H > I ? H : I;
+    kmax = kmax > nh * hd ? kmax : nh * hd;
+    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 32 + 1) + nthreads * dims[D_MAX_SEQ] + 64);
+}
+
+int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs, int M, float *x,
+                   const int64_t *positions, const int64_t *seq_lens, const int64_t *block_tables, int bt_stride,
+                   float *logits, float *work, int nthreads) {
+    const int L = dims[D_LAYERS], H = dims[D_HIDDEN], nh = dims[D_HEADS], nkv = dims[D_KV_HEADS];
+    const int hd = dims[D_HEAD_DIM], I = dims[D_INTER], bs = dims[D_BLOCK_SIZE], group = dims[D_GROUP];
+    const int window = dims[D_WINDOW], bf16 = dims[D_BF16], max_seq = dims[D_MAX_SEQ];
+    const float eps = fparams[0], scale = fparams[1];
+    const int qkv_n = (nh + 2 * nkv) * hd, gsize = nh / nkv, half = hd / 2;
+    const int big = qkv_n > 2 * I ? qkv_n : 2 * I;
+    const size_t el = bf16 ? 2 : 4, row_bytes = (size_t)nkv * hd * el;
+    void *const *glob = ptrs + (size_t)L * P_PER_LAYER;
+
+    float *res = work, *xn = res + (size_t)M * H, *buf = xn + (size_t)M * H;  /* buf: qkv or gate|up */
+    float *ao = buf + (size_t)M * big, *act = ao + (size_t)M * nh * hd, *xsum = act + (size_t)M * I;
+    int kmax = H > I ? H : I;
+    kmax = kmax > nh * hd ? kmax : nh * hd;
+    float *scores = xsum + (size_t)M * (kmax / 32 + 1);
+    for (int m = 0; m < M; m++)
+        if (positions[m] + 1 != seq_lens[m] || seq_lens[m] > max_seq) return -1;
+
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *my_scores = scores + (size_t)omp_get_thread_num() * max_seq;
+        for (int l = 0; l < L; l++) {
+            void *const *p = ptrs + (size_t)l * P_PER_LAYER;
+            #pragma omp single
+            for (int m = 0; m < M; m++) {
+                float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
+                if (l == 0) memcpy(rm, xm, sizeof(float) * H);
+                else for (int i = 0; i < H; i++) rm[i] += xm[i];
+                rms_norm(rm, p[P_IN_NORM], bf16, H, eps, xn + (size_t)m * H);
+            }
+            q4_matmul(xn, M, H, qkv_n, group, p[P_QKV_W], p[P_QKV_S], p[P_QKV_B], bf16, buf, xsum);
+            /* RoPE on q and k heads, then the new K/V into the cache */
+            #pragma omp for schedule(static)
+            for (int i = 0; i < M * (nh + nkv); i++) {
+                int m = i / (nh + nkv), h = i % (nh + nkv);
+                const float *cs = (const float *)glob[G_COS] + (size_t)positions[m] * half;
+                const float *sn = (const float *)glob[G_SIN] + (size_t)positions[m] * half;
+                rope(buf + (size_t)m * qkv_n + (size_t)h * hd, half, cs, sn);
+            }
+            #pragma omp for schedule(static)
+            for (int i = 0; i < M * nkv; i++) {
+                int m = i / nkv, h = i % nkv;
+                int64_t pos = positions[m];
+                size_t row = (size_t)block_tables[(size_t)m * bt_stride + pos / bs] * bs + pos % bs;
+                const float *kn = buf + (size_t)m * qkv_n + (size_t)(nh + h) * hd, *vn = kn + (size_t)nkv * hd;
+                char *kd = (char *)p[P_K_CACHE] + row * row_bytes + (size_t)h * hd * el;
+                char *vd = (char *)p[P_V_CACHE] + row * row_bytes + (size_t)h * hd * el;
+                for (int j = 0; j < hd; j++) {
+                    if (bf16) {
+                        ((uint16_t *)kd)[j] = f32_to_bf16(kn[j]);
+                        ((uint16_t *)vd)[j] = f32_to_bf16(vn[j]);
+                    } else {
+                        ((float *)kd)[j] = kn[j];
+                        ((float *)vd)[j] = vn[j];
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int i = 0; i < M * nh; i++) {
+                int m = i / nh, h = i % nh, kvh = h / gsize;
+                attend(buf + (size_t)m * qkv_n + (size_t)h * hd, p[P_K_CACHE], p[P_V_CACHE], row_bytes,
+                       (size_t)kvh * hd * el, bf16, block_tables + (size_t)m * bt_stride, bs, (int)seq_lens[m],
+                       window, hd, scale, my_scores, ao + (size_t)m * nh * hd + (size_t)h * hd);
+            }
+            q4_matmul(ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, x, xsum);
+            #pragma omp single
+            for (int m = 0; m < M; m++) {
+                float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
+                for (int i = 0; i < H; i++) rm[i] += xm[i];
+                rms_norm(rm, p[P_POST_NORM], bf16, H, eps, xn + (size_t)m * H);
+            }
+            q4_matmul(xn, M, H, 2 * I, group, p[P_GU_W], p[P_GU_S], NULL, 0, buf, xsum);
+            #pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) silu_mul(buf + (size_t)m * 2 * I, I, act + (size_t)m * I);
+            q4_matmul(act, M, I, H, group, p[P_DOWN_W], p[P_DOWN_S], NULL, 0, x, xsum);
+        }
+        #pragma omp single
+        for (int m = 0; m < M; m++) {
+            float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
+            for (int i = 0; i < H; i++) rm[i] += xm[i];
+            rms_norm(rm, glob[G_FINAL_NORM], bf16, H, eps, xm);
+        }
+        if (dims[D_LOGITS])
+            q8_logits(x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], logits, (int16_t *)ao,
+                      xsum);
+    }
+    return 0;
+}

@@ -1,0 +1,137 @@
+"""The CPU decode step in one C call (kernels/cpu/decode.c) for Llama-family models whose linear layers run
+torch's packed int4 kernel — GGUF Q4_0/Q4_1/Q4_K checkpoints and `--quantization int4` — which is where a batch-1
+step is dominated by ~1,600 small PyTorch ops rather than by reading the weights.
+
+The C step reads the very tensors the PyTorch path uses (packed int4 weights, the Q8_0 embedding, the paged KV
+cache), so turning it on costs no memory, and both paths can serve the same requests: prefill and large batches
+stay on PyTorch, decode steps of up to MAX_BATCH sequences come here. `accepts()` says when a model qualifies;
+anything else (int8 or fp8 KV cache, AWQ input scales, q/k norms, another activation) keeps the PyTorch path."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from turboinfer.kernels import cpu as cpu_kernels
+
+log = logging.getLogger("turboinfer")
+
+MAX_BATCH = 64  # decode batches up to this size (measured faster than the PyTorch path up to 64 on 2 cores)
+# Index names shared with decode.c (its D_* and P_* enums)
+DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size", "group", "window",
+        "bf16", "has_bias", "logits", "max_seq")
+LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
+              "k_cache", "v_cache")
+
+
+def _int4pack_layout_ok() -> bool:
+    """decode.c reads torch's CPU int4 packing directly; confirm this torch build packs as it expects."""
+    n, k = 128, 64
+    q = (torch.arange(n * k, dtype=torch.int32).view(n, k) * 7) % 16
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(torch.uint8).reshape(n // 64, k, 32)
+    want = q.view(n // 64, 2, 32, k).permute(0, 3, 1, 2)  # [block, k, half, j]
+    return bool(torch.equal(packed.to(torch.int32), want[:, :, 0] | (want[:, :, 1] << 4)))
+
+
+def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -> str | None:
+    """None when the C step can run this model, else the reason it cannot."""
+    from turboinfer.layers.quantization.q4 import Int4CPUMethod
+
+    arch = getattr(model, "arch", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if arch is None or layers is None or not hasattr(layers[0], "mlp"):
+        return "not a Llama-family model"
+    if dtype not in (torch.float32, torch.bfloat16) or kv_dtype != dtype:
+        return f"activations {dtype} / KV cache {kv_dtype} (needs float32 or bfloat16, unquantized KV)"
+    if arch.hidden_act != "silu" or arch.qk_norm or arch.head_dim % 2:
+        return "activation, q/k norm or head size not supported"
+    groups = set()
+    for layer in layers:
+        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            qm = lin.quant_method
+            if not isinstance(qm, Int4CPUMethod) or qm.input_scale is not None or qm.out_features % 64:
+                return "linear layers are not plain packed int4"
+            if lin is not layer.self_attn.qkv_proj and lin.bias is not None:
+                return "bias outside q/k/v"
+            groups.add(qm.group_size)
+    if len(groups) != 1:
+        return "int4 group sizes differ between layers"
+    if not _int4pack_layout_ok():
+        return "this torch build packs int4 differently"
+    return None
+
+
+class CPUDecoder:
+    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, dtype: torch.dtype, block_size: int,
+                 max_seq_len: int) -> None:
+        arch = model.arch
+        layers = model.model.layers
+        emb = model.model.embed_tokens
+        self.lib, self.model = lib, model
+        self.tied_q8 = model.lm_head is None and emb.is_quantized
+        attn0 = layers[0].self_attn
+        d = dict(layers=len(layers), hidden=arch.hidden_size, heads=arch.num_heads, kv_heads=arch.num_kv_heads,
+                 head_dim=arch.head_dim, inter=arch.intermediate_size, vocab=arch.vocab_size, block_size=block_size,
+                 group=attn0.qkv_proj.quant_method.group_size, window=arch.sliding_window or 0,
+                 bf16=int(dtype == torch.bfloat16), has_bias=int(attn0.qkv_proj.bias is not None),
+                 logits=int(self.tied_q8), max_seq=max_seq_len)
+        self.dims = torch.tensor([d[name] for name in DIMS], dtype=torch.int64)
+        self.fparams = torch.tensor([arch.rms_norm_eps, attn0.attn.scale], dtype=torch.float32)
+        self.vocab = arch.vocab_size
+        ptrs: list[int] = []
+        for layer in layers:
+            at, mlp = layer.self_attn, layer.mlp
+            named = dict(in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                         qkv_b=at.qkv_proj.bias, k_cache=at.attn.k_cache, v_cache=at.attn.v_cache)
+            for key, lin in (("qkv", at.qkv_proj), ("o", at.o_proj), ("gu", mlp.gate_up_proj), ("down", mlp.down_proj)):
+                named[f"{key}_w"], named[f"{key}_s"] = lin.quant_method.packed, lin.quant_method.scales_zeros
+            for name in LAYER_PTRS:
+                t = named[name]
+                if t is not None and not t.is_contiguous():
+                    raise ValueError(f"{name} is not contiguous")
+                ptrs.append(0 if t is None else t.data_ptr())
+        rot = attn0.rotary
+        self._keep = [rot.cos.contiguous(), rot.sin.contiguous()]
+        ptrs += [model.model.norm.weight.data_ptr(), self._keep[0].data_ptr(), self._keep[1].data_ptr(),
+                 emb.codes.data_ptr() if self.tied_q8 else 0, emb.group_scales.data_ptr() if self.tied_q8 else 0]
+        self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self.work = torch.empty(0)
+
+    def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One token per sequence -> logits [M, vocab] float32 (or the final hidden states when the output
+        projection is not a Q8_0 table; then the model's own compute_logits finishes the job)."""
+        m = len(input_ids)
+        nthreads = torch.get_num_threads()
+        need = self.lib.ti_workspace_floats(self.dims.data_ptr(), MAX_BATCH, nthreads)
+        if self.work.numel() < need:
+            self.work = torch.empty(need, dtype=torch.float32)
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        x = self.model.model.embed_tokens(ids, torch.float32).float().contiguous()
+        pos = torch.tensor(positions, dtype=torch.int64)
+        seq_lens = pos + 1
+        width = max(len(b) for b in block_tables)
+        tables = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.int64)
+        logits = torch.empty(m, self.vocab, dtype=torch.float32) if self.tied_q8 else None
+        rc = self.lib.ti_decode_step(self.dims.data_ptr(), self.fparams.data_ptr(), self.ptrs, m, x.data_ptr(),
+                                     pos.data_ptr(), seq_lens.data_ptr(), tables.data_ptr(), width,
+                                     logits.data_ptr() if logits is not None else None, self.work.data_ptr(),
+                                     nthreads)
+        if rc != 0:
+            raise RuntimeError("CPU decode step: a position is past the cache or out of order")
+        if logits is None:
+            logits = self.model.compute_logits(x.to(self.model.model.norm.weight.dtype)).float()
+        return logits
+
+
+def create_cpu_decoder(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
+                       block_size: int, max_seq_len: int) -> CPUDecoder | None:
+    if device.type != "cpu" or not cpu_kernels.enabled():
+        return None
+    reason = accepts(model, kv_dtype, dtype)
+    if reason is not None:
+        log.debug("CPU decode kernels not used: %s", reason)
+        return None
+    lib = cpu_kernels.load_library()
+    return None if lib is None else CPUDecoder(lib, model, dtype, block_size, max_seq_len)
