@@ -68,9 +68,14 @@ def bench_turboinfer(model: str, threads: int, ids: list[int], prompt: list[int]
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     nll = -sum(d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])) / (len(ids) - 1)
     w = llm.engine.worker
-    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "aggregate16_tok_s": aggregate,
-            "perplexity": math.exp(nll), "dtype": str(w.dtype).replace("torch.", ""),
-            "packed_layers": w.num_packed_layers}
+    record = {"decode_tok_s": decode, "prefill_tok_s": prefill, "aggregate16_tok_s": aggregate,
+              "perplexity": math.exp(nll), "dtype": str(w.dtype).replace("torch.", ""),
+              "packed_layers": w.num_packed_layers, "c_decode_step": llm.engine.runner.cpu_decoder is not None}
+    if record["c_decode_step"]:  # the same text through the decode step, one token at a time
+        from turboinfer.runner.cpu_decode import teacher_forced_logits
+
+        record["perplexity_decode_step"] = math.exp(nll_from_logits(teacher_forced_logits(llm.engine, ids), ids))
+    return record
 
 
 def perplexity_turboinfer(model: str, threads: int, ids: list[int], **engine_kwargs) -> float:

@@ -74,6 +74,24 @@ def test_packed_path_tracks_dequantized_path(llm, llm_f32):
     assert (packed.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
 
 
+def test_c_decode_step_tracks_dequantized_path(llm, llm_f32):
+    """The C decode step (float32 activations, bf16 KV cache, packed weights) against exact float32 weights over
+    400 positions: the same bar as the packed PyTorch path above."""
+    assert llm.engine.runner.cpu_decoder is not None
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data", "lighthouses.txt")).read()
+    ids = llm.get_tokenizer().encode(text)[:400]
+    from tiny_models import full_logits
+
+    from turboinfer.runner.cpu_decode import teacher_forced_logits
+
+    fast, exact = teacher_forced_logits(llm.engine, ids), full_logits(llm_f32, ids)
+    target = torch.tensor(ids[1:])[:, None]
+    lp_f = fast.log_softmax(-1)[:-1].gather(-1, target)
+    lp_e = exact.log_softmax(-1)[:-1].gather(-1, target)
+    assert abs((lp_f - lp_e).mean()) < 0.005
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
+
+
 def run_cli(*args, stdin: str | None = None, timeout: int = 300):
     return subprocess.run([sys.executable, "-m", "turboinfer", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout)

@@ -135,3 +135,23 @@ def create_cpu_decoder(model: torch.nn.Module, device: torch.device, dtype: torc
         return None
     lib = cpu_kernels.load_library()
     return None if lib is None else CPUDecoder(lib, model, dtype, block_size, max_seq_len)
+
+
+def teacher_forced_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), vocab] with every position after the first computed by the C decode step, one token at a
+    time against the paged cache, as generation runs it (for checking the step against a reference)."""
+    from turboinfer.engine.batch import ScheduledSeq
+    from turboinfer.engine.request import Request
+    from turboinfer.sampling_params import SamplingParams
+
+    runner = engine.runner
+    req = Request("teacher-forced", ids[:1], SamplingParams(max_tokens=1), frozenset(), engine.max_model_len)
+    blocks = engine.kv.allocate("teacher-forced", len(ids))
+    try:
+        input_ids, positions, meta = runner._prepare([ScheduledSeq(req, 0, 1, blocks, False, False)])
+        with torch.inference_mode():
+            rows = [runner.model.compute_logits(runner.model(input_ids, positions, meta)).float()]
+        rows += [runner.cpu_decoder([t], [i], [blocks]) for i, t in enumerate(ids[1:], start=1)]
+        return torch.cat(rows)
+    finally:
+        engine.kv.free("teacher-forced")
