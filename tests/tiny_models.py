@@ -15,6 +15,9 @@ ARCHS = {
     "mistral-window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=24)),
     "qwen2-bias": ("Qwen2Config", dict(num_key_value_heads=2)),
     "qwen3-qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    # head sizes of real models, where the CPU decode step has register-tiled attention
+    "llama-hd64": ("LlamaConfig", dict(num_key_value_heads=2, head_dim=64)),
+    "llama-mqa-hd128": ("LlamaConfig", dict(num_key_value_heads=1, head_dim=128)),
 }
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

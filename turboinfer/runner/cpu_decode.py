@@ -5,7 +5,7 @@ step is dominated by ~1,600 small PyTorch ops rather than by reading the weights
 The C step reads the very tensors the PyTorch path uses (packed int4 weights, the Q8_0 embedding, the paged KV
 cache), so turning it on costs no memory, and both paths can serve the same requests: prefill and large batches
 stay on PyTorch, decode steps of up to MAX_BATCH sequences come here. `accepts()` says when a model qualifies;
-anything else (int8 or fp8 KV cache, AWQ input scales, q/k norms, another activation) keeps the PyTorch path."""
+anything else (an fp8 KV cache, AWQ input scales, q/k norms, another activation) keeps the PyTorch path."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ log = logging.getLogger("turboinfer")
 MAX_BATCH = 64  # decode batches up to this size (measured faster than the PyTorch path up to 64 on 2 cores)
 # Index names shared with decode.c (its D_* and P_* enums)
 DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size", "group", "window",
-        "bf16", "has_bias", "logits", "max_seq")
+        "bf16", "has_bias", "logits", "max_seq", "kv_kind")
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
-              "k_cache", "v_cache")
+              "k_cache", "v_cache", "k_scale", "v_scale")
 
 
 def _int4pack_layout_ok() -> bool:
@@ -43,9 +44,9 @@ def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -
     layers = getattr(getattr(model, "model", None), "layers", None)
     if arch is None or layers is None or not hasattr(layers[0], "mlp"):
         return "not a Llama-family model"
-    if dtype not in (torch.float32, torch.bfloat16) or kv_dtype != dtype:
-        return f"activations {dtype} / KV cache {kv_dtype} (needs float32 or bfloat16, unquantized KV)"
-    if arch.hidden_act != "silu" or arch.qk_norm or arch.head_dim % 2:
+    if dtype not in (torch.float32, torch.bfloat16) or kv_dtype not in (dtype, torch.int8):
+        return f"activations {dtype} / KV cache {kv_dtype} (needs float32 or bfloat16; KV the same or int8)"
+    if arch.hidden_act != "silu" or arch.qk_norm or arch.head_dim % 2 or arch.head_dim > 256:
         return "activation, q/k norm or head size not supported"
     groups = set()
     for layer in layers:
@@ -76,7 +77,7 @@ class CPUDecoder:
                  head_dim=arch.head_dim, inter=arch.intermediate_size, vocab=arch.vocab_size, block_size=block_size,
                  group=attn0.qkv_proj.quant_method.group_size, window=arch.sliding_window or 0,
                  bf16=int(dtype == torch.bfloat16), has_bias=int(attn0.qkv_proj.bias is not None),
-                 logits=int(self.tied_q8), max_seq=max_seq_len)
+                 logits=int(self.tied_q8), max_seq=max_seq_len, kv_kind=KV_KINDS[attn0.attn.k_cache.dtype])
         self.dims = torch.tensor([d[name] for name in DIMS], dtype=torch.int64)
         self.fparams = torch.tensor([arch.rms_norm_eps, attn0.attn.scale], dtype=torch.float32)
         self.vocab = arch.vocab_size
@@ -84,7 +85,8 @@ class CPUDecoder:
         for layer in layers:
             at, mlp = layer.self_attn, layer.mlp
             named = dict(in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-                         qkv_b=at.qkv_proj.bias, k_cache=at.attn.k_cache, v_cache=at.attn.v_cache)
+                         qkv_b=at.qkv_proj.bias, k_cache=at.attn.k_cache, v_cache=at.attn.v_cache,
+                         k_scale=at.attn.k_scale, v_scale=at.attn.v_scale)
             for key, lin in (("qkv", at.qkv_proj), ("o", at.o_proj), ("gu", mlp.gate_up_proj), ("down", mlp.down_proj)):
                 named[f"{key}_w"], named[f"{key}_s"] = lin.quant_method.packed, lin.quant_method.scales_zeros
             for name in LAYER_PTRS:

@@ -11,7 +11,9 @@
  *                        nibble and output b*64 + 32 + j in its high nibble (torch's int4pack for CPU);
  *                        scales [K / group, N, 2] bf16 (s, z8) with w = (q - 8) * s + z8.
  *   Q8_0 table [V, H]  : codes [H / 32, V, 32] int8, scales [H / 32, V] float32; w = code * scale.
- *   KV cache           : [num_blocks, block_size, num_kv_heads, head_dim], float32 or bf16 (flag kv_bf16).
+ *   KV cache           : [num_blocks, block_size, num_kv_heads, head_dim] in float32, bf16 or int8; int8 codes
+ *                        carry float32 scales [num_blocks, block_size, num_kv_heads] (symmetric, per token and
+ *                        head, as kernels/torch_ref/attention.py quantizes).
  *   rotary             : cos, sin [max_position, head_dim / 2] float32, rotate-half (HF) layout.
  */
 #include <math.h>
@@ -23,9 +25,10 @@
 #endif
 
 enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_BLOCK_SIZE, D_GROUP,
-       D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_NUM_DIMS };
+       D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_KV_KIND, D_NUM_DIMS };
+enum { KV_F32, KV_BF16, KV_INT8 };
 enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, P_GU_S, P_DOWN_W, P_DOWN_S,
-       P_K_CACHE, P_V_CACHE, P_PER_LAYER };
+       P_K_CACHE, P_V_CACHE, P_K_SCALE, P_V_SCALE, P_PER_LAYER };
 enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_NUM };
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -260,75 +263,241 @@ static void q8_logits(const float *x, int M, int H, int V, const int8_t *codes, 
 }
 
 /* ---------------------------------------------------------------- paged attention for one query head */
-static inline float dot_kv(const float *q, const void *kv, int bf16, int d) {
+#ifdef __AVX512F__
+static inline __m512 load16_kv(const void *kv, int kind, int i) {  /* 16 cache values as float32 (int8: codes) */
+    if (kind == KV_BF16) {
+        __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    }
+    if (kind == KV_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)kv + i))));
+    return _mm512_loadu_ps((const float *)kv + i);
+}
+#endif
+
+static inline float load_kv(const void *kv, int kind, int i) {
+    if (kind == KV_INT8) return (float)((const int8_t *)kv)[i];
+    return load_w(kv, i, kind == KV_BF16);
+}
+
+/* Where K/V of one KV head live: codes plus, for int8, the per-(token, head) scales. */
+typedef struct {
+    const char *k, *v;
+    const float *k_scale, *v_scale;
+    size_t row_bytes, head_bytes;
+    int kind, num_kv_heads, head;
+} KVView;
+
+#define MAX_HEAD_DIM 256
+#define MAX_SPLITS 16
+
+/* One token's K or V row of this head as float32 (codes times the token's scale for int8). */
+static inline void load_row(const KVView *kv, const char *base, const float *scales, size_t row, int d, float *out) {
+    const char *src = base + row * kv->row_bytes + kv->head_bytes;
+    float sc = kv->kind == KV_INT8 ? scales[row * kv->num_kv_heads + kv->head] : 1.f;
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= d; i += 16) _mm512_storeu_ps(out + i, _mm512_mul_ps(load16_kv(src, kv->kind, i), _mm512_set1_ps(sc)));
+#endif
+    for (; i < d; i++) out[i] = load_kv(src, kv->kind, i) * sc;
+}
+
+static inline float dot(const float *a, const float *b, int d) {
     int i = 0;
     float s = 0;
 #ifdef __AVX512F__
     __m512 acc = _mm512_setzero_ps();
-    if (bf16) {
-        for (; i + 16 <= d; i += 16) {
-            __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i)));
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), acc);
-        }
-    } else {
-        for (; i + 16 <= d; i += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps((const float *)kv + i), acc);
-    }
+    for (; i + 16 <= d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     s = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < d; i++) s += q[i] * load_w(kv, i, bf16);
+    for (; i < d; i++) s += a[i] * b[i];
     return s;
 }
 
-static inline void axpy_kv(float a, const void *kv, int bf16, int d, float *out) {
+static inline void axpy(float a, const float *x, int d, float *y) {
     int i = 0;
 #ifdef __AVX512F__
-    __m512 av = _mm512_set1_ps(a);
-    if (bf16) {
-        for (; i + 16 <= d; i += 16) {
-            __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i)));
-            _mm512_storeu_ps(out + i, _mm512_fmadd_ps(av, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)),
-                                                      _mm512_loadu_ps(out + i)));
-        }
-    } else {
-        for (; i + 16 <= d; i += 16)
-            _mm512_storeu_ps(out + i, _mm512_fmadd_ps(av, _mm512_loadu_ps((const float *)kv + i),
-                                                      _mm512_loadu_ps(out + i)));
-    }
+    for (; i + 16 <= d; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
 #endif
-    for (; i < d; i++) out[i] += a * load_w(kv, i, bf16);
+    for (; i < d; i++) y[i] += a * x[i];
 }
 
-static void attend(const float *q, const char *k_cache, const char *v_cache, size_t row_bytes, size_t head_bytes,
-                   int bf16, const int64_t *block_table, int block_size, int seq_len, int window, int d,
-                   float scale, float *scores, float *out) {
-    int start = window > 0 && seq_len > window ? seq_len - window : 0;
-    float mx = -INFINITY;
-    for (int t = start; t < seq_len; t++) {
-        size_t row = (size_t)block_table[t / block_size] * block_size + t % block_size;
-        float s = dot_kv(q, k_cache + row * row_bytes + head_bytes, bf16, d) * scale;
-        scores[t - start] = s;
-        mx = s > mx ? s : mx;
+/* The G query heads that share one KV head, over tokens [t0, t1) of a sequence (a split of its context): each K
+ * and V row is read and converted once for all G heads. Writes, per head, the unnormalised output, the running
+ * max and the sum of exponentials (Flash-Decoding's partials), as part[g * (d + 2) + {0..d-1, d, d+1}]. */
+static void attend_split(const float *q, int G, const KVView *kv, const int64_t *block_table, int block_size,
+                         int t0, int t1, int d, float scale, float *scores, float *part) {
+    float row[MAX_HEAD_DIM];
+    int n = t1 - t0;
+    for (int g = 0; g < G; g++) {
+        memset(part + (size_t)g * (d + 2), 0, sizeof(float) * d);
+        part[(size_t)g * (d + 2) + d] = -INFINITY;
+        part[(size_t)g * (d + 2) + d + 1] = 0.f;
     }
-    int n = seq_len - start, t = 0;
-    float sum = 0;
+    if (n <= 0) return;
+    for (int t = t0; t < t1; t++) {
+        size_t r = (size_t)block_table[t / block_size] * block_size + t % block_size;
+        load_row(kv, kv->k, kv->k_scale, r, d, row);
+        for (int g = 0; g < G; g++) scores[(size_t)g * n + (t - t0)] = dot(q + (size_t)g * d, row, d) * scale;
+    }
+    for (int g = 0; g < G; g++) {
+        float *sc = scores + (size_t)g * n, mx = -INFINITY, sum = 0;
+        for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+        int t = 0;
 #ifdef __AVX512F__
-    __m512 sv = _mm512_setzero_ps();
-    for (; t + 16 <= n; t += 16) {
-        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(mx)));
-        _mm512_storeu_ps(scores + t, e);
-        sv = _mm512_add_ps(sv, e);
-    }
-    sum = _mm512_reduce_add_ps(sv);
+        __m512 sv = _mm512_setzero_ps();
+        for (; t + 16 <= n; t += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(sc + t, e);
+            sv = _mm512_add_ps(sv, e);
+        }
+        sum = _mm512_reduce_add_ps(sv);
 #endif
-    for (; t < n; t++) {
-        scores[t] = expf(scores[t] - mx);
-        sum += scores[t];
+        for (; t < n; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        part[(size_t)g * (d + 2) + d] = mx;
+        part[(size_t)g * (d + 2) + d + 1] = sum;
     }
+    for (int t = t0; t < t1; t++) {
+        size_t r = (size_t)block_table[t / block_size] * block_size + t % block_size;
+        load_row(kv, kv->v, kv->v_scale, r, d, row);
+        for (int g = 0; g < G; g++) axpy(scores[(size_t)g * n + (t - t0)], row, d, part + (size_t)g * (d + 2));
+    }
+}
+
+#ifdef __AVX512F__
+/* 16 vectors -> one: lane i holds the sum of v[i]'s 16 lanes (a transpose-and-add tree, ~3 operations per vector
+ * instead of a horizontal reduction each). */
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 z[4];
+    for (int i = 0; i < 4; i++) {
+        __m512 w0 = _mm512_add_ps(_mm512_unpacklo_ps(v[4 * i], v[4 * i + 1]), _mm512_unpackhi_ps(v[4 * i], v[4 * i + 1]));
+        __m512 w1 = _mm512_add_ps(_mm512_unpacklo_ps(v[4 * i + 2], v[4 * i + 3]),
+                                  _mm512_unpackhi_ps(v[4 * i + 2], v[4 * i + 3]));
+        z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1))));
+    }
+    __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xdd));
+    __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88), _mm512_shuffle_f32x4(z[2], z[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
+}
+
+/* attend_split for head_dim = 16 * D16 with the vectors in registers: scores of 16 tokens at a time from K rows
+ * converted once into an L1 tile, and each V row converted once and accumulated into up to 4 heads' outputs. */
+static inline __attribute__((always_inline)) void attend_tile(const int D16, const float *q, int G, const KVView *kv,
+                                                              const int64_t *block_table, int block_size, int t0,
+                                                              int t1, float scale, float *scores, float *part) {
+    const int d = 16 * D16, HC = D16 <= 4 ? 4 : 2;  /* heads per pass over V: HC * D16 accumulators <= 16 */
+    float tile[16 * MAX_HEAD_DIM] __attribute__((aligned(64)));
+    int n = t1 - t0;
+    for (int g = 0; g < G; g++) {
+        memset(part + (size_t)g * (d + 2), 0, sizeof(float) * d);
+        part[(size_t)g * (d + 2) + d] = -INFINITY;
+        part[(size_t)g * (d + 2) + d + 1] = 0.f;
+    }
+    if (n <= 0) return;
+    for (int tb = t0; tb < t1; tb += 16) {
+        int nt = t1 - tb < 16 ? t1 - tb : 16;
+        for (int i = 0; i < nt; i++) {
+            int t = tb + i;
+            load_row(kv, kv->k, kv->k_scale, (size_t)block_table[t / block_size] * block_size + t % block_size, d,
+                     tile + i * d);
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 qv[8], acc[16];
+            for (int c = 0; c < D16; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * d + 16 * c), _mm512_set1_ps(scale));
+            for (int i = 0; i < 16; i++) {
+                acc[i] = _mm512_setzero_ps();
+                if (i < nt)
+                    for (int c = 0; c < D16; c++) acc[i] = _mm512_fmadd_ps(qv[c], _mm512_load_ps(tile + i * d + 16 * c), acc[i]);
+            }
+            _mm512_mask_storeu_ps(scores + (size_t)g * n + (tb - t0), (__mmask16)((1u << nt) - 1), reduce16(acc));
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sc = scores + (size_t)g * n, mx = -INFINITY;
+        for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+        __m512 sv = _mm512_setzero_ps();
+        int t = 0;
+        for (; t + 16 <= n; t += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(sc + t, e);
+            sv = _mm512_add_ps(sv, e);
+        }
+        float sum = _mm512_reduce_add_ps(sv);
+        for (; t < n; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        part[(size_t)g * (d + 2) + d] = mx;
+        part[(size_t)g * (d + 2) + d + 1] = sum;
+    }
+    for (int g0 = 0; g0 < G; g0 += HC) {
+        __m512 o[4][8];
+        for (int gi = 0; gi < HC; gi++)
+            for (int c = 0; c < D16; c++) o[gi][c] = _mm512_setzero_ps();
+        for (int t = t0; t < t1; t++) {
+            size_t r = (size_t)block_table[t / block_size] * block_size + t % block_size;
+            const char *src = kv->v + r * kv->row_bytes + kv->head_bytes;
+            __m512 vs = _mm512_set1_ps(kv->kind == KV_INT8 ? kv->v_scale[r * kv->num_kv_heads + kv->head] : 1.f);
+            __m512 vr[8];
+            for (int c = 0; c < D16; c++) vr[c] = _mm512_mul_ps(load16_kv(src, kv->kind, 16 * c), vs);
+            for (int gi = 0; gi < HC; gi++) {
+                if (g0 + gi >= G) break;
+                __m512 pw = _mm512_set1_ps(scores[(size_t)(g0 + gi) * n + (t - t0)]);
+                for (int c = 0; c < D16; c++) o[gi][c] = _mm512_fmadd_ps(pw, vr[c], o[gi][c]);
+            }
+        }
+        for (int gi = 0; gi < HC && g0 + gi < G; gi++)
+            for (int c = 0; c < D16; c++) _mm512_storeu_ps(part + (size_t)(g0 + gi) * (d + 2) + 16 * c, o[gi][c]);
+    }
+}
+#endif
+
+/* Dispatch: register-tiled code for the common head sizes, the general loop otherwise. */
+static void attend(const float *q, int G, const KVView *kv, const int64_t *block_table, int block_size, int t0,
+                   int t1, int d, float scale, float *scores, float *part) {
+#ifdef __AVX512F__
+    if (d == 64) return attend_tile(4, q, G, kv, block_table, block_size, t0, t1, scale, scores, part);
+    if (d == 128) return attend_tile(8, q, G, kv, block_table, block_size, t0, t1, scale, scores, part);
+#endif
+    attend_split(q, G, kv, block_table, block_size, t0, t1, d, scale, scores, part);
+}
+
+/* Combine a head's splits: out = sum_s e^(max_s - max) out_s / sum_s e^(max_s - max) sum_s. */
+static void merge_splits(const float *parts, int nsplit, size_t stride, int d, float *out) {
+    float mx = -INFINITY, den = 0;
+    for (int s = 0; s < nsplit; s++) mx = parts[s * stride + d] > mx ? parts[s * stride + d] : mx;
     memset(out, 0, sizeof(float) * d);
-    for (t = start; t < seq_len; t++) {
-        size_t row = (size_t)block_table[t / block_size] * block_size + t % block_size;
-        axpy_kv(scores[t - start] / sum, v_cache + row * row_bytes + head_bytes, bf16, d, out);
+    for (int s = 0; s < nsplit; s++) {
+        const float *p = parts + s * stride;
+        if (p[d + 1] == 0.f) continue;  /* an empty split */
+        float w = expf(p[d] - mx);
+        den += w * p[d + 1];
+        axpy(w, p, d, out);
+    }
+    for (int i = 0; i < d; i++) out[i] /= den;
+}
+
+/* One token's K or V for one head into the cache; int8 as quantize_kv: scale = max|x| / 127, codes rounded to
+ * nearest even and clamped. */
+static void store_head(const float *x, int d, int kind, char *dst, float *scale_dst) {
+    if (kind == KV_INT8) {
+        float amax = 0;
+        for (int j = 0; j < d; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+        float s = (amax > 1e-8f ? amax : 1e-8f) / 127.f;
+        for (int j = 0; j < d; j++) {
+            float c = rintf(x[j] / s);
+            ((int8_t *)dst)[j] = (int8_t)(c > 127.f ? 127.f : c < -127.f ? -127.f : c);
+        }
+        *scale_dst = s;
+    } else if (kind == KV_BF16) {
+        for (int j = 0; j < d; j++) ((uint16_t *)dst)[j] = f32_to_bf16(x[j]);
+    } else {
+        memcpy(dst, x, sizeof(float) * d);
     }
 }
 
@@ -343,7 +512,8 @@ size_t ti_workspace_floats(const int64_t *dims, int M, int nthreads) {
     int64_t big = qkv > 2 * I ? qkv : 2 * I;
     int64_t kmax = H > I ? H : I;
     kmax = kmax > nh * hd ? kmax : nh * hd;
-    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 32 + 1) + nthreads * dims[D_MAX_SEQ] + 64);
+    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 32 + 1) + M * nh * MAX_SPLITS * (hd + 2) +
+                    nthreads * (nh / nkv) * dims[D_MAX_SEQ] + 64);
 }
 
 int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs, int M, float *x,
@@ -355,20 +525,26 @@ int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs,
     const float eps = fparams[0], scale = fparams[1];
     const int qkv_n = (nh + 2 * nkv) * hd, gsize = nh / nkv, half = hd / 2;
     const int big = qkv_n > 2 * I ? qkv_n : 2 * I;
-    const size_t el = bf16 ? 2 : 4, row_bytes = (size_t)nkv * hd * el;
+    const int kv_kind = dims[D_KV_KIND];
+    const size_t el = kv_kind == KV_INT8 ? 1 : kv_kind == KV_BF16 ? 2 : 4, row_bytes = (size_t)nkv * hd * el;
     void *const *glob = ptrs + (size_t)L * P_PER_LAYER;
 
     float *res = work, *xn = res + (size_t)M * H, *buf = xn + (size_t)M * H;  /* buf: qkv or gate|up */
     float *ao = buf + (size_t)M * big, *act = ao + (size_t)M * nh * hd, *xsum = act + (size_t)M * I;
     int kmax = H > I ? H : I;
     kmax = kmax > nh * hd ? kmax : nh * hd;
-    float *scores = xsum + (size_t)M * (kmax / 32 + 1);
+    float *parts = xsum + (size_t)M * (kmax / 32 + 1);  /* [M, nkv, nsplit, G, hd + 2] attention partials */
+    float *scores = parts + (size_t)M * nh * MAX_SPLITS * (hd + 2);
+    /* Split each sequence's context so that there are a few tasks per thread even for one sequence. */
+    int nsplit = (4 * nthreads + M * nkv - 1) / (M * nkv);
+    nsplit = nsplit < 1 ? 1 : nsplit > MAX_SPLITS ? MAX_SPLITS : nsplit;
+    const size_t part_stride = (size_t)gsize * (hd + 2);
     for (int m = 0; m < M; m++)
         if (positions[m] + 1 != seq_lens[m] || seq_lens[m] > max_seq) return -1;
 
     #pragma omp parallel num_threads(nthreads)
     {
-        float *my_scores = scores + (size_t)omp_get_thread_num() * max_seq;
+        float *my_scores = scores + (size_t)omp_get_thread_num() * gsize * max_seq;
         for (int l = 0; l < L; l++) {
             void *const *p = ptrs + (size_t)l * P_PER_LAYER;
             #pragma omp single
@@ -393,24 +569,26 @@ int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs,
                 int64_t pos = positions[m];
                 size_t row = (size_t)block_tables[(size_t)m * bt_stride + pos / bs] * bs + pos % bs;
                 const float *kn = buf + (size_t)m * qkv_n + (size_t)(nh + h) * hd, *vn = kn + (size_t)nkv * hd;
-                char *kd = (char *)p[P_K_CACHE] + row * row_bytes + (size_t)h * hd * el;
-                char *vd = (char *)p[P_V_CACHE] + row * row_bytes + (size_t)h * hd * el;
-                for (int j = 0; j < hd; j++) {
-                    if (bf16) {
-                        ((uint16_t *)kd)[j] = f32_to_bf16(kn[j]);
-                        ((uint16_t *)vd)[j] = f32_to_bf16(vn[j]);
-                    } else {
-                        ((float *)kd)[j] = kn[j];
-                        ((float *)vd)[j] = vn[j];
-                    }
-                }
+                size_t off = row * row_bytes + (size_t)h * hd * el, soff = row * nkv + h;
+                store_head(kn, hd, kv_kind, (char *)p[P_K_CACHE] + off, kv_kind == KV_INT8 ? (float *)p[P_K_SCALE] + soff : NULL);
+                store_head(vn, hd, kv_kind, (char *)p[P_V_CACHE] + off, kv_kind == KV_INT8 ? (float *)p[P_V_SCALE] + soff : NULL);
+            }
+            #pragma omp for schedule(static)
+            for (int i = 0; i < M * nkv * nsplit; i++) {
+                int m = i / (nkv * nsplit), kvh = i / nsplit % nkv, sp = i % nsplit;
+                int len = (int)seq_lens[m], start = window > 0 && len > window ? len - window : 0;
+                int chunk = (len - start + nsplit - 1) / nsplit, t0 = start + sp * chunk;
+                int t1 = t0 + chunk < len ? t0 + chunk : len;
+                KVView kv = {p[P_K_CACHE], p[P_V_CACHE], p[P_K_SCALE], p[P_V_SCALE], row_bytes, (size_t)kvh * hd * el,
+                             kv_kind, nkv, kvh};
+                attend(buf + (size_t)m * qkv_n + (size_t)kvh * gsize * hd, gsize, &kv, block_tables + (size_t)m * bt_stride,
+                       bs, t0, t1, hd, scale, my_scores, parts + (size_t)i * part_stride);
             }
             #pragma omp for schedule(static)
             for (int i = 0; i < M * nh; i++) {
-                int m = i / nh, h = i % nh, kvh = h / gsize;
-                attend(buf + (size_t)m * qkv_n + (size_t)h * hd, p[P_K_CACHE], p[P_V_CACHE], row_bytes,
-                       (size_t)kvh * hd * el, bf16, block_tables + (size_t)m * bt_stride, bs, (int)seq_lens[m],
-                       window, hd, scale, my_scores, ao + (size_t)m * nh * hd + (size_t)h * hd);
+                int m = i / nh, h = i % nh, kvh = h / gsize, g = h % gsize;
+                merge_splits(parts + ((size_t)(m * nkv + kvh) * nsplit) * part_stride + (size_t)g * (hd + 2), nsplit,
+                             part_stride, hd, ao + (size_t)m * nh * hd + (size_t)h * hd);
             }
             q4_matmul(ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, x, xsum);
             #pragma omp single
