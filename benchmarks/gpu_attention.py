@@ -12,6 +12,10 @@ rows, so it reads K/V once, as we do. Decode must read every K/V byte of the con
 K/V bytes / DRAM bandwidth; the bandwidth is measured as a large device-to-device copy (bytes read + written per
 second). Times are medians from triton.testing.do_bench, which flushes the L2 cache between runs so short contexts
 are not served from cache. Every configuration is also checked against SDPA before it is timed.
+
+Then the int4 dequant-matmul (`kernels/triton/dequant_matmul.py`, group 128, float16 scales) against a dense
+bfloat16 F.linear of the same (dequantized) weight, for 4096x4096 and 14336x4096 weights at M = 1 (decode: weight
+bytes read per second, against the same copy bandwidth) and M = 2048 (prefill: TFLOP/s).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 MIXED_BATCH, MIXED_MIN, MIXED_MAX = 32, 1024, 32768
+MATMUL_WEIGHTS = [(4096, 4096), (14336, 4096)]  # [N, K]: a square projection, Llama-3-8B's gate / up
+MATMUL_ROWS, MATMUL_GROUP = [1, 2048], 128
 
 
 def bench(fn) -> float:
@@ -113,6 +119,33 @@ def run_case(name: str, seq_lens: list[int], bandwidth: float, gen: torch.Genera
     return row
 
 
+def run_matmul_case(n: int, k: int, m: int, bandwidth: float, gen: torch.Generator) -> dict:
+    from turboinfer.kernels.torch_ref.dequant_matmul import dequantize_int4, pack_int4
+    from turboinfer.kernels.triton.dequant_matmul import int4_matmul
+
+    qweight = pack_int4(torch.randint(0, 16, (n, k), generator=gen, device="cuda", dtype=torch.uint8))
+    scale = (torch.rand(k // MATMUL_GROUP, n, generator=gen, device="cuda") * 0.01).half()
+    zero = (torch.randn(k // MATMUL_GROUP, n, generator=gen, device="cuda") * 0.05).half()
+    dense = dequantize_int4(qweight, scale, zero, MATMUL_GROUP).to(DTYPE)  # [N, K]
+    x = torch.randn(m, k, generator=gen, device="cuda").to(DTYPE)
+    ours = int4_matmul(x, qweight, scale, zero, MATMUL_GROUP)
+    theirs = F.linear(x, dense)
+    max_err = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
+    if max_err > 2e-2:
+        raise AssertionError(f"int4_matmul {m}x{n}x{k}: off from dense by {max_err} of max|y|")
+    t_ours = bench(lambda: int4_matmul(x, qweight, scale, zero, MATMUL_GROUP))
+    t_dense = bench(lambda: F.linear(x, dense))
+    int4_bytes = qweight.numel() + 2 * scale.numel() * scale.element_size()
+    row = dict(n=n, k=k, m=m, int4_us=t_ours * 1e6, dense_bf16_us=t_dense * 1e6, speedup_vs_dense=t_dense / t_ours,
+               max_rel_err_vs_dense=max_err)
+    if m == 1:  # decode: the weight read is all that counts
+        row.update(int4_weight_gb_s=int4_bytes / t_ours / 1e9, dense_weight_gb_s=dense.nbytes / t_dense / 1e9,
+                   int4_pct_of_copy=100 * int4_bytes / t_ours / bandwidth)
+    else:
+        row.update(int4_tflop_s=2 * m * n * k / t_ours / 1e12, dense_tflop_s=2 * m * n * k / t_dense / 1e12)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -132,6 +165,10 @@ def main() -> None:
     for name, seq_lens in cases:
         rows.append(run_case(name, seq_lens, bandwidth, gen))
         torch.cuda.empty_cache()  # the previous case's caches and padded copies
+    try:
+        matmul_rows = [run_matmul_case(n, k, m, bandwidth, gen) for n, k in MATMUL_WEIGHTS for m in MATMUL_ROWS]
+    except Exception as e:  # a kernel not yet run on a GPU must not cost the attention numbers above
+        matmul_rows = [dict(error=repr(e))]
 
     props = torch.cuda.get_device_properties(0)
     result = {
@@ -144,6 +181,7 @@ def main() -> None:
                   "block_size": BLOCK_SIZE, "dtype": str(DTYPE).replace("torch.", "")},
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "results": rows,
+        "int4_matmul": matmul_rows,
     }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
@@ -157,6 +195,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['name']:<24}{r['num_splits']:>7}{r['triton_us']:>11.1f}{r['sdpa_us']:>10.1f}{r['floor_us']:>10.1f}"
               f"{r['triton_gb_s']:>8.0f}{r['pct_of_floor']:>8.0f}%{r['speedup_vs_sdpa']:>8.2f}x")
+    print(f"\nint4_matmul (group {MATMUL_GROUP}) vs dense bf16 F.linear")
+    for r in matmul_rows:
+        if "error" in r:
+            print(f"failed: {r['error']}")
+            continue
+        rate = f"{r['int4_weight_gb_s']:.0f} GB/s ({r['int4_pct_of_copy']:.0f}% of copy)" if r["m"] == 1 else \
+            f"{r['int4_tflop_s']:.0f} TFLOP/s (dense {r['dense_tflop_s']:.0f})"
+        print(f"  {r['n']}x{r['k']} M={r['m']:<5} int4 {r['int4_us']:9.1f} us  dense {r['dense_bf16_us']:9.1f} us  "
+              f"{r['speedup_vs_dense']:5.2f}x  {rate}")
     print(f"wrote {args.json}")
 
 

@@ -3,6 +3,7 @@ scale = max|w[n, :]| / 127, so every element is off by at most scale / 2 and the
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -63,5 +64,26 @@ class Int8TorchMethod:
         return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None], layer.bias)
 
 
+class Int8TritonMethod:
+    """CUDA: the Triton int8 matmul (`kernels/triton/dequant_matmul.py`), which reads the int8 codes and applies
+    the row scale to the float32 accumulator, never writing a float weight."""
+
+    def __init__(self, w: Int8Weight, device: torch.device) -> None:
+        from turboinfer.kernels.triton.dequant_matmul import int8_matmul
+
+        self.matmul = int8_matmul  # imported here, not at the top: the CPU path must not need triton
+        self.q = w.q.to(device).contiguous()  # [N, K] int8
+        self.scale = w.scale.to(device, torch.float32)  # [N]
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]).contiguous(), self.q, self.scale, layer.bias)
+        return y.view(*shape[:-1], self.q.shape[0])
+
+
 def int8_method(w: Int8Weight, device: torch.device):
-    return Int8CPUMethod(w, device) if device.type == "cpu" else Int8TorchMethod(w, device)
+    if device.type == "cpu":
+        return Int8CPUMethod(w, device)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return Int8TritonMethod(w, device)
+    return Int8TorchMethod(w, device)
