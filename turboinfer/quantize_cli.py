@@ -1,4 +1,4 @@
-"""`turboinfer quantize MODEL OUT_DIR --method int8|int4|awq`: write a quantized copy of a float HF checkpoint.
+"""`turboinfer quantize MODEL OUT_DIR --method int8|int4|awq|gptq`: write a quantized copy of a float HF checkpoint.
 
 The model is loaded and quantized exactly as `--quantization` does at load (same dtype, same calibration), then
 each quantized layer is split back into its checkpoint shards (q/k/v, gate/up) and stored under the checkpoint's
@@ -19,19 +19,22 @@ import torch
 
 from turboinfer.errors import InvalidRequestError
 
-METHODS = {"int8": ("int8", False), "int4": ("int4", False), "awq": ("int4", True)}  # -> (quantization, awq)
+# --method -> (quantization, awq, gptq)
+METHODS = {"int8": ("int8", False, False), "int4": ("int4", False, False), "awq": ("int4", True, False),
+           "gptq": ("int4", False, True)}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 MAX_SHARD_BYTES = 2 * 2**30
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    help_text = "write an int8 / int4 / AWQ-int4 quantized copy of a float safetensors model"
+    help_text = "write an int8 / int4 / AWQ-int4 / GPTQ-int4 quantized copy of a float safetensors model"
     p = subparsers.add_parser("quantize", help=help_text, description=help_text)
     p.add_argument("model", help="float model: alias, local HF directory or hub id")
     p.add_argument("out_dir", help="directory to write (created; must be empty if it exists)")
     p.add_argument("--method", choices=sorted(METHODS), required=True,
                    help="int8: per output channel; int4: per group, round to nearest; awq: int4 with "
-                        "activation-aware scales from a built-in calibration text")
+                        "activation-aware scales from a built-in calibration text; gptq: int4 with GPTQ's error "
+                        "compensation, layer by layer on that text")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32|64|128|256 (default: 128)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded (and calibrated) in, as for --dtype "
                    "when serving; quantizing at load with the same dtype gives identical weights (default: auto)")
@@ -57,11 +60,11 @@ def quantize_checkpoint(model: str, out_dir: str, method: str, group_size: int =
 
     if method not in METHODS:
         raise InvalidRequestError(f"--method {method!r} is not one of {', '.join(sorted(METHODS))}")
-    quantization, awq = METHODS[method]
+    quantization, awq, gptq = METHODS[method]
     cfg = EngineConfig(model=model, dtype=dtype, device=device, quantization=quantization,
-                       quant_group_size=group_size, awq=awq)
+                       quant_group_size=group_size, awq=awq, gptq=gptq)
     resolved = resolve_model(model)
-    check_quantization(resolved, quantization, group_size, awq)  # GGUF: refused
+    check_quantization(resolved, quantization, group_size, awq, gptq)  # GGUF: refused
     if checkpoint_quantization(resolved) is not None:
         raise InvalidRequestError(f"{resolved.display_name} is already quantized; quantize the float model")
     out = Path(out_dir)
@@ -73,7 +76,7 @@ def quantize_checkpoint(model: str, out_dir: str, method: str, group_size: int =
     bytes_in, bytes_out = _write_weights(resolved.path, out, net, quantized)
     _copy_side_files(resolved.path, out)
     hf_cfg = json.loads((Path(resolved.path) / "config.json").read_text())
-    hf_cfg["quantization_config"] = quantization_config(quantization, group_size, awq)
+    hf_cfg["quantization_config"] = quantization_config(quantization, group_size, awq, gptq)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return {"num_quantized": len(quantized), "bytes_in": bytes_in, "bytes_out": bytes_out}
 
@@ -85,8 +88,9 @@ def _load_and_quantize(resolved, device: torch.device, dtype: torch.dtype, cfg):
     arch = load_arch(resolved)
     net = build_model(arch, device, dtype)
     load_weights_into(net, resolved, device)
-    tokenizer = load_tokenizer(resolved) if cfg.awq else None
-    return net, quantize_loaded(net, resolved, device, cfg.quantization, cfg.quant_group_size, cfg.awq, tokenizer)
+    tokenizer = load_tokenizer(resolved) if cfg.awq or cfg.gptq else None
+    return net, quantize_loaded(net, resolved, device, cfg.quantization, cfg.quant_group_size, cfg.awq, tokenizer,
+                                cfg.gptq)
 
 
 def _checkpoint_targets(net: torch.nn.Module, quantized: dict):

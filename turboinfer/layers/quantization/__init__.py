@@ -5,6 +5,7 @@ reach a Linear two ways: from a checkpoint (GGUF 4-bit blocks, or a `turboinfer 
   q4.py         4-bit group-wise weights (GGUF and round-to-nearest) and torch's int4 CPU kernel
   int8.py       8-bit per-channel weights and torch's int8 CPU kernel
   awq.py        activation-aware scale search for int4 (calibration pass + per-layer search)
+  gptq.py       GPTQ for int4 (error-compensating rounding, calibrated layer by layer)
   transform.py  quantize a loaded float model's Linears
   checkpoint.py the on-disk format of quantized checkpoints"""
 

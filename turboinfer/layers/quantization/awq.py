@@ -11,6 +11,7 @@ op), which works for every layer, o_proj and down_proj included."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 
@@ -62,10 +63,19 @@ def collect_input_stats(model: nn.Module, token_ids: list[int], skip: tuple[str,
 
 
 def _prefill(model: nn.Module, token_ids: list[int]) -> None:
+    n = len(token_ids)
+    with calibration_batch(model, n) as (positions, meta), torch.inference_mode():
+        model(torch.tensor(token_ids, device=positions.device), positions, meta)
+
+
+@contextmanager
+def calibration_batch(model: nn.Module, num_tokens: int):
+    """-> (positions [num_tokens], attention metadata) for one prefill of num_tokens tokens, with a temporary KV
+    cache one block long in every attention layer; the caches the layers held are put back on exit."""
     from turboinfer.kernels import get_ops
     from turboinfer.runner.attention_metadata import AttentionMetadata
 
-    n = len(token_ids)
+    n = num_tokens
     param = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
     device, dtype = param.device, param.dtype
     layers = model.attention_layers()
@@ -80,8 +90,7 @@ def _prefill(model: nn.Module, token_ids: list[int]) -> None:
                                  num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
                                  decode_block_tables=empty.view(0, 1), prefill_query_lens=[n], prefill_seq_lens=[n],
                                  prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
-        with torch.inference_mode():
-            model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
+        yield torch.arange(n, device=device), meta
     finally:
         for a, (k, v, ks, vs) in zip(layers, saved):
             a.k_cache, a.v_cache, a.k_scale, a.v_scale = k, v, ks, vs

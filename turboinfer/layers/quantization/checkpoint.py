@@ -7,7 +7,8 @@ checkpoint weight `<prefix>.weight` (per original q/k/v/gate/up shard, so models
   <prefix>.zeros        int4 only: float32 [N, K // group_size] (w = q * scale + zero)
   <prefix>.input_scale  AWQ only: float32 [K], multiplied into x before the matmul
 
-and config.json carries quantization_config = {"quant_method": "turboinfer", "bits": 4 | 8, "group_size", "awq"}.
+and config.json carries quantization_config = {"quant_method": "turboinfer", "bits": 4 | 8, "group_size", "awq"}
+(plus "gptq": true for GPTQ, whose weights are stored like any int4 ones).
 Everything else (embeddings, norms, lm_head, biases) is stored as in the float checkpoint. The stored values are
 the ones quantizing at load computes, so loading the directory gives the same model without re-quantizing."""
 
@@ -25,9 +26,10 @@ QUANT_METHOD = "turboinfer"
 PARTS = ("qweight", "scales", "zeros", "input_scale")
 
 
-def quantization_config(method: str, group_size: int, awq: bool) -> dict:
+def quantization_config(method: str, group_size: int, awq: bool, gptq: bool = False) -> dict:
     bits = {"int8": 8, "int4": 4}[method]
-    return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else -1, "awq": awq}
+    cfg = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else -1, "awq": awq}
+    return {**cfg, "gptq": True} if gptq else cfg
 
 
 def to_tensors(prefix: str, w: Int8Weight | Q4Weight) -> dict[str, torch.Tensor]:

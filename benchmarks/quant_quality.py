@@ -1,0 +1,111 @@
+"""Perplexity of weight quantization on the default model: float32 against int8 and int4 (round-to-nearest, AWQ,
+GPTQ) at several group sizes, over benchmarks/data/lighthouses.txt.
+
+    python benchmarks/quant_quality.py [--model ALIAS_OR_PATH] [--tokens 512] [--group-sizes 32,64,128]
+                                       [--threads 1] [--json benchmarks/results/quant_quality_cpu.json]
+
+The float weights are a GGUF's dequantized to float32 (the default model ships only as Q4_1 GGUF), then quantized
+exactly as `--quantization` does at load (`quantize_loaded`, same calibration text). Every configuration runs the
+same token ids through one prefill of the same model object, whose float Linears are put back between runs;
+quantized layers run the CPU int4/int8 kernels (bfloat16 activations inside the matmul), as when serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXT = os.path.join(HERE, "data", "lighthouses.txt")
+
+
+def full_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocab] float32 logits of one prefill."""
+    from turboinfer.layers.quantization.awq import calibration_batch
+
+    with calibration_batch(model, len(ids)) as (positions, meta), torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(ids), positions, meta)).float()
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    lp = torch.log_softmax(logits[:-1], -1)  # row i predicts token i + 1
+    return math.exp(-lp.gather(-1, torch.tensor(ids[1:])[:, None]).mean().item())
+
+
+def configurations(group_sizes: list[int]) -> list[dict]:
+    rows = [dict(method="float32"), dict(method="int8")]
+    for g in group_sizes:
+        rows += [dict(method=m, group_size=g) for m in ("int4", "awq", "gptq")]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=512, help="leading tokens of the text to score")
+    ap.add_argument("--group-sizes", default="32,64,128")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "quant_quality_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from turboinfer.bench.results import machine_info, versions
+    from turboinfer.layers.linear import UnquantizedMethod
+    from turboinfer.layers.quantization.awq import MAX_CALIBRATION_TOKENS, calibration_text
+    from turboinfer.layers.quantization.transform import layer_group_size, quantizable_linears
+    from turboinfer.loader.model_loader import load_arch, load_tokenizer, load_weights_into, quantize_loaded
+    from turboinfer.loader.resolve import resolve_model
+    from turboinfer.models.registry import build_model
+
+    resolved = resolve_model(args.model)
+    tokenizer = load_tokenizer(resolved)
+    ids = tokenizer.encode(open(TEXT).read(), add_special_tokens=False)[:args.tokens]
+    device = torch.device("cpu")
+    model = build_model(load_arch(resolved), device, torch.float32)
+    load_weights_into(model, resolved, device, keep_packed=False)  # GGUF 4-bit blocks -> float32
+    linears = quantizable_linears(model)
+    float_weights = {name: m.weight for name, m in linears}
+
+    ref = None
+    rows = []
+    for cfg in configurations([int(g) for g in args.group_sizes.split(",")]):
+        for name, m in linears:  # back to the float model
+            m.weight, m.quant_method = float_weights[name], UnquantizedMethod()
+        method, g = cfg["method"], cfg.get("group_size", 128)
+        t = time.perf_counter()
+        if method != "float32":
+            quantize_loaded(model, resolved, device, "int8" if method == "int8" else "int4", g, method == "awq",
+                            tokenizer, method == "gptq")
+        seconds = time.perf_counter() - t
+        logits = full_logits(model, ids)
+        ref = logits if ref is None else ref
+        row = {**cfg, "perplexity": perplexity(logits, ids),
+               "rel_logit_error": ((logits - ref).norm() / ref.norm()).item(), "quantize_s": seconds}
+        if "group_size" in cfg:  # what each layer width really got (a size that does not divide it falls back)
+            widths = sorted({m.in_features for _, m in linears})
+            row["layer_group_sizes"] = {str(k): layer_group_size(k, g) for k in widths}
+        row["vs_float_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1) if rows else 0.0
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    record = {"benchmark": "quant_quality_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "machine": machine_info(), "versions": versions(),
+              "model": resolved.display_name,
+              "float_source": "GGUF dequantized to float32", "threads": args.threads,
+              "text": os.path.relpath(TEXT, os.path.dirname(HERE)), "text_tokens": len(ids),
+              "calibration_tokens": len(tokenizer.encode(calibration_text())[:MAX_CALIBRATION_TOKENS]), "rows": rows}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=2)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
