@@ -4,10 +4,20 @@ full batch, against `turboinfer estimate`'s total for the same settings. Models:
 
     python benchmarks/memory_bench.py [--json benchmarks/results/memory_cpu.json]
 
+    python benchmarks/memory_bench.py --load-only   # only the load row (seconds; what tests/memory checks)
+
 Each setting runs in its own process. The peak resident size (VmHWM) is reset once the weights are loaded and read
 after max_num_seqs prompts of max_model_len / 2 tokens generated max_model_len / 4 tokens each, so the KV pool and
 the step activations have been touched. The estimate counts the model as stored in memory after loading; the
-extra peak while a GGUF file is mapped and unpacked during loading is reported separately.
+extra peak while a GGUF file is read and unpacked during loading is reported separately.
+
+The load row (`load` in the JSON) checks the bar "resident memory after loading the default GGUF <= 1.3x the file
+size plus the KV pool". A fresh process reads VmRSS and /proc/self/smaps_rollup right after `import torch,
+turboinfer` (the interpreter and torch's libraries are not the model), then after `LLM(...)` returns:
+    load_rss_ratio  = (VmRSS after - VmRSS before - KV pool bytes) / file size
+    load_anon_ratio = the same with anonymous memory only, i.e. without the pages of shared libraries (torch,
+                      tokenizers) that loading runs for the first time; no file is mapped after loading
+and the loading peak is VmHWM (reset to VmRSS at the first reading) minus VmRSS before.
 """
 
 from __future__ import annotations
@@ -60,18 +70,53 @@ print(json.dumps({"peak_rss": peak, "peak_rss_after_load": after_load, "estimate
                   "dtype": str(w.dtype).replace("torch.", "")}))
 """
 
+LOAD_PROBE = r"""
+import json, os, sys
+def status(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+def anon_file():
+    kb = {l.split()[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/smaps_rollup') if l.endswith('kB\n')}
+    return kb['Anonymous:'], kb['Rss:'] - kb['Anonymous:']
+import torch, turboinfer
+torch.set_num_threads(1)
+rss0, (anon0, file0) = status('VmRSS'), anon_file()
+open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS: the peak read below is loading's
+from turboinfer import LLM
+llm = LLM(sys.argv[1], max_model_len=512, max_num_seqs=1, num_threads=1)
+rss1, peak, (anon1, file1) = status('VmRSS'), status('VmHWM'), anon_file()
+from turboinfer.runner.worker import model_weight_bytes
+w = llm.engine.worker
+print(json.dumps({"rss_before": rss0, "rss_after_load": rss1, "anon_increase": anon1 - anon0,
+                  "file_backed_increase": file1 - file0, "peak_rss_during_load": peak, "peak_increase": peak - rss0,
+                  "kv_bytes": llm.engine.runner.kv_cache_bytes(), "weight_bytes": model_weight_bytes(w.runner.model),
+                  "file_bytes": os.path.getsize(w.resolved.path), "load_seconds": w.load_seconds}))
+"""
+
+
+def measure_load(model: str = "smollm2-135m-instruct") -> dict:
+    """The load row: resident memory a fresh process gains by loading `model` (see the module docstring)."""
+    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, model], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    rest = r["rss_after_load"] - r["rss_before"] - r["kv_bytes"]
+    r.update(model=model, max_model_len=512, max_num_seqs=1, threads=1, load_rss_ratio=rest / r["file_bytes"],
+             load_anon_ratio=(r["anon_increase"] - r["kv_bytes"]) / r["file_bytes"])
+    return r
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "memory_cpu.json"))
+    ap.add_argument("--load-only", action="store_true", help="only the default model's load row")
     args = ap.parse_args()
     import tempfile
 
+    load = measure_load()
+    print({"load": load}, file=sys.stderr)
     rows = []
     tmp = tempfile.mkdtemp()
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(QWEN2_05B, f)
-    for name, max_len, seqs, kv, dtype in SETTINGS:
+    for name, max_len, seqs, kv, dtype in [] if args.load_only else SETTINGS:
         model = os.path.join(tmp, "config.json") if name == "qwen2-0.5b-shape" else name
         out = subprocess.run([sys.executable, "-c", PROBE, str(max_len), str(seqs), kv, dtype, model],
                              capture_output=True, text=True, check=True)
@@ -84,7 +129,7 @@ def main() -> None:
 
     record = {"benchmark": "memory_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "machine": machine(),
-              "rows": rows}
+              "load": load, "rows": rows}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(record, f, indent=2)

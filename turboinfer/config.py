@@ -129,6 +129,8 @@ class EngineConfig:
         "int4 group size: 32|64|128|256 (a layer whose width it does not divide uses the largest that does)"))
     awq: bool = field(default=False, metadata=_flag(
         "with --quantization int4: activation-aware per-channel scales searched on a built-in calibration text"))
+    gptq: bool = field(default=False, metadata=_flag(
+        "with --quantization int4: GPTQ (error-compensating, layer by layer) on a built-in calibration text"))
     device: str = field(default="auto", metadata=_flag("device: auto|cpu|cuda"))
     max_model_len: int | None = field(default=None, metadata=_flag(
         "longest prompt+completion in tokens (default: the model's context length, capped by KV memory)"))
@@ -147,6 +149,8 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = field(default=None, metadata=_flag(
         "force the number of KV blocks (testing preemption)"))
     gpu_memory_utilization: float = field(default=0.9, metadata=_flag("fraction of GPU memory to use"))
+    enforce_eager: bool = field(default=False, metadata=_flag(
+        "on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start-up"))
     enable_prefix_caching: bool = field(default=True, metadata=_flag("reuse KV blocks of shared prompt prefixes"))
     num_threads: int | None = field(default=None, metadata=_flag("CPU threads for torch (default: all cores)"))
     seed: int = field(default=0, metadata=_flag("seed for requests that carry none"))
@@ -171,6 +175,10 @@ class EngineConfig:
             raise InvalidRequestError(f"--quant-group-size must be 32, 64, 128 or 256, got {self.quant_group_size}")
         if self.awq and self.quantization != "int4":
             raise InvalidRequestError("--awq needs --quantization int4")
+        if self.gptq and self.quantization != "int4":
+            raise InvalidRequestError("--gptq needs --quantization int4")
+        if self.gptq and self.awq:
+            raise InvalidRequestError("--gptq and --awq are alternatives; pass one of them")
         if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise InvalidRequestError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of auto, int8, fp8")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -26,11 +26,14 @@ class PackedQ8_0:
 
 
 def decompose_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (q int8 [N, K], d float32 [N, K // 32]) exactly as stored."""
+    """-> (codes int8 [K // 32, N, 32], d float32 [K // 32, N]) exactly as stored, regrouped so that each group of
+    32 input features is one contiguous [N, 32] matrix (what the int8 kernel reads). The codes are copied once,
+    straight from the blocks: the table is the largest tensor of a small model, so no intermediate copy."""
     n, k = shape
-    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(n, k // GROUP, 34)  # copy: file is read-only
+    # torch needs a writable array: the loader's fresh bytes are used as they are, a read-only map is copied
+    blocks = torch.from_numpy(np.require(raw, np.uint8, ["C", "W"])).reshape(n, k // GROUP, 34).transpose(0, 1)
     d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
-    return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d
+    return blocks[..., 2:].contiguous().view(torch.int8), d
 
 
 class VocabEmbedding(nn.Module):
@@ -53,11 +56,10 @@ class VocabEmbedding(nn.Module):
         if tuple(shape) != tuple(self.weight.shape):
             raise ModelLoadError(f"embedding shape {tuple(shape)} does not match the model's "
                                  f"{tuple(self.weight.shape)}")
-        q, d = decompose_q8_0(raw, shape)
-        n, k = shape
+        codes, d = decompose_q8_0(raw, shape)
         dev = self.weight.device
-        self.codes = q.view(n, k // GROUP, GROUP).transpose(0, 1).contiguous().to(dev)
-        self.group_scales = d.t().contiguous().to(dev)
+        self.codes = codes.to(dev)
+        self.group_scales = d.to(dev)
         self.group_scales_bf16 = self.group_scales.to(torch.bfloat16)
         self.weight = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
 

@@ -1,12 +1,13 @@
 """One GGUF file: its metadata as an HF-style config, its tensors under HF parameter names.
 
-Parsing is `gguf.GGUFReader`'s (the format's reference reader); this file adds what a model loader needs:
-clear errors for files that are not usable, the llama.cpp -> HF renaming of config keys and tensor names,
-and undoing the one layout change llama.cpp's converter makes to weights (the q/k row permutation).
+Parsing is `gguf_parse.py`'s (a lean reader: the tokenizer's vocabulary is the bulk of a small model's header);
+this file adds what a model loader needs: clear errors for files that are not usable, the llama.cpp -> HF
+renaming of config keys and tensor names, and undoing the one layout change llama.cpp's converter makes to
+weights (the q/k row permutation).
 
 Shapes: everything returned here is in torch/numpy order (outermost first), so a linear weight is
 `[out_features, in_features]` as in HF checkpoints. The GGUF header stores dimensions innermost first
-(`ReaderTensor.shape` is `[in_features, out_features]`); it is reversed once, in `_Entry`.
+(`[in_features, out_features]`); it is reversed once, when the header is parsed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import math
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from turboinfer.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from turboinfer.loader.gguf_dequant import BLOCK_SIZES, dequantize, type_name
+from turboinfer.loader.gguf_parse import ArrayRef, GGUFHeader, TensorInfo, read_array, read_header, read_tensor
 
 # GGUF general.architecture -> (HF class, HF model_type, q/k rows permuted by the converter).
 # llama.cpp's converter permutes q/k only in its LlamaModel class (which also converts Mistral checkpoints);
@@ -85,55 +86,28 @@ def _f32(v) -> float:
     return float(str(np.float32(v)))
 
 
-@dataclass
-class _Entry:
-    gguf_name: str
-    qtype: int
-    shape: tuple[int, ...]  # numpy order: reversed GGUF ne
-    tensor: Any  # gguf ReaderTensor
-
-
-def _field_value(f) -> Any:
-    if hasattr(f, "contents"):  # gguf >= 0.11
-        return f.contents()
-    from gguf import GGUFValueType  # older readers: decode the raw parts ourselves
-
-    def one(part):
-        return bytes(part).decode("utf-8") if f.types[-1] == GGUFValueType.STRING else part.tolist()[0]
-
-    values = [one(f.parts[i]) for i in f.data]
-    return values if f.types[0] == GGUFValueType.ARRAY else values[0]
-
-
-# GGUFReader takes seconds on big vocabularies; model loading opens the same file for config, tokenizer
-# and weights, so parsed readers are kept (keyed by identity of the file on disk; memmaps cost no RAM).
-_READERS: "OrderedDict[tuple, Any]" = OrderedDict()
+# Model loading opens the same file for config, tokenizer and weights, so parsed headers are kept (keyed by
+# identity of the file on disk) until `release_readers`: the vocabulary lists are megabytes of Python objects.
+_READERS: "OrderedDict[tuple, GGUFHeader]" = OrderedDict()
 _MAX_READERS = 2
 
 
 def release_readers() -> None:
-    """Forget the parsed readers (and their file mappings) once a model is loaded."""
+    """Forget the parsed headers once a model is loaded."""
     _READERS.clear()
 
 
-def _open_reader(path: str):
+def _open_reader(path: str) -> GGUFHeader:
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key in _READERS:
         _READERS.move_to_end(key)
-        return _READERS[key], st.st_size
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad or cut files
-        detail = " ".join(str(e).split())  # one line: the CLI prints errors as a single line
-        raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt or truncated?): "
-                             f"{type(e).__name__}: {detail}") from None
-    _READERS[key] = reader
+        return _READERS[key]
+    header = read_header(path)
+    _READERS[key] = header
     while len(_READERS) > _MAX_READERS:
         _READERS.popitem(last=False)
-    return reader, st.st_size
+    return header
 
 
 class GGUFFile:
@@ -141,38 +115,38 @@ class GGUFFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise ModelNotFoundError(f"GGUF file {self.path} does not exist")
-        self._reader, file_size = _open_reader(self.path)
-        self._metadata: dict[str, Any] | None = None
-        self._entries: dict[str, _Entry] = {}  # hf name -> entry
+        self._header = _open_reader(self.path)
+        self._entries: dict[str, TensorInfo] = {}  # hf name -> tensor
         self._unmapped: list[str] = []
-        for t in self._reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > file_size:
-                raise ModelLoadError(f"{self.path} is truncated: tensor {t.name} ends at byte {end} but the file "
-                                     f"has {file_size}")
-            entry = _Entry(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist())), t)
+        for t in self._header.tensors:
+            if t.offset + t.nbytes > self._header.file_size:
+                raise ModelLoadError(f"{self.path} is truncated: tensor {t.name} ends at byte {t.offset + t.nbytes} "
+                                     f"but the file has {self._header.file_size}")
             hf = gguf_to_hf_name(t.name)
             if hf is not None:
-                self._entries[hf] = entry
+                self._entries[hf] = t
             elif t.name not in _NOT_PARAMETERS:
                 self._unmapped.append(t.name)
-        self._gguf_names = {t.name for t in self._reader.tensors}
+        self._gguf_names = {t.name for t in self._header.tensors}
 
     # ---- metadata -----------------------------------------------------------------------------------------
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """Every key/value of the file as plain Python values (str, int, float, bool, lists of those)."""
-        if self._metadata is None:
-            self._metadata = {k: _field_value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
-        return self._metadata
+        """Every key/value of the file as plain Python values (str, int, float, bool, lists of those), except
+        arrays of over a thousand values (the tokenizer's), which are `ArrayRef`s: `tokenizer_metadata` reads
+        them."""
+        return self._header.metadata
 
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
     def tokenizer_metadata(self) -> dict[str, Any]:
-        return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
+        """The `tokenizer.*` keys with every value read (vocabulary and merges are decoded on each call, so
+        they are held only while the caller builds its tokenizer)."""
+        return {k: read_array(self.path, v) if isinstance(v, ArrayRef) else v
+                for k, v in self.metadata.items() if k.startswith("tokenizer.")}
 
     def _arch_entry(self) -> tuple[str, str, bool]:
         arch = self.architecture
@@ -255,8 +229,8 @@ class GGUFFile:
         tensor [head_dim/2] (each frequency is divided by its factor). Recover HF's llama3 parameters: the
         largest factor is `factor`; the band edges are checked against the values every Llama 3.x release
         uses (low 1, high 4, original context 8192) by recomputing the factors the converter's way."""
-        t = next(t for t in self._reader.tensors if t.name == "rope_freqs.weight")
-        got = dequantize(t.data, int(t.tensor_type), (int(t.n_elements),)).double()
+        t = next(t for t in self._header.tensors if t.name == "rope_freqs.weight")
+        got = dequantize(read_tensor(self.path, t), t.qtype, (t.numel,)).double()
         theta = float(self._uniform("rope.freq_base", 10000.0))
         factor, low, high, old = _f32(got.max().item()), 1.0, 4.0, 8192
         wavelen = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -297,7 +271,7 @@ class GGUFFile:
             return int(self._uniform("attention.head_count_kv", self._uniform("attention.head_count")))
         return None
 
-    def _entry(self, hf_name: str) -> _Entry:
+    def _entry(self, hf_name: str) -> TensorInfo:
         try:
             return self._entries[hf_name]
         except KeyError:
@@ -305,14 +279,13 @@ class GGUFFile:
 
     def raw_tensor(self, hf_name: str) -> tuple[int, np.ndarray, tuple[int, ...]]:
         """(ggml type id, bytes as stored [*shape[:-1], bytes_per_row] uint8, numpy-order shape) without
-        dequantizing. q/k rows of Llama files are already un-permuted (a copy); otherwise the array is a
-        read-only view of the file."""
+        dequantizing, in memory of its own (the file is read, not mapped). q/k rows of Llama files are already
+        un-permuted."""
         e = self._entry(hf_name)
         elems, nbytes = BLOCK_SIZES.get(e.qtype, (None, None))
         if elems is None:
-            raise UnsupportedModelError(f"{self.path}: tensor {e.gguf_name} has unsupported type {type_name(e.qtype)}")
-        raw = np.asarray(e.tensor.data).reshape(-1).view(np.uint8)
-        raw = raw.reshape(*e.shape[:-1], e.shape[-1] // elems * nbytes)
+            raise UnsupportedModelError(f"{self.path}: tensor {e.name} has unsupported type {type_name(e.qtype)}")
+        raw = read_tensor(self.path, e).reshape(*e.shape[:-1], e.shape[-1] // elems * nbytes)
         heads = self._qk_heads(hf_name)
         if heads is not None:
             raw = np.ascontiguousarray(unpermute_qk_rows(raw, heads))
@@ -320,7 +293,7 @@ class GGUFFile:
 
     def get_tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         e = self._entry(hf_name)
-        t = dequantize(e.tensor.data, e.qtype, e.shape)
+        t = dequantize(read_tensor(self.path, e), e.qtype, e.shape)
         heads = self._qk_heads(hf_name)
         if heads is not None:
             t = unpermute_qk_rows(t, heads).contiguous()

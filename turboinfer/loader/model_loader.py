@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -102,7 +103,8 @@ def checkpoint_quantization(resolved: ResolvedModel) -> dict | None:
     return qcfg
 
 
-def check_quantization(resolved: ResolvedModel, method: str, group_size: int, awq: bool) -> None:
+def check_quantization(resolved: ResolvedModel, method: str, group_size: int, awq: bool,
+                       gptq: bool = False) -> None:
     """--quantization applies to float checkpoints; fail before loading anything when it cannot."""
     if method == "none":
         return
@@ -113,7 +115,7 @@ def check_quantization(resolved: ResolvedModel, method: str, group_size: int, aw
     if stored is not None:
         from turboinfer.layers.quantization.checkpoint import quantization_config
 
-        if quantization_config(method, group_size, awq) != stored:
+        if quantization_config(method, group_size, awq, gptq) != stored:
             raise InvalidRequestError(f"--quantization {method}: {resolved.display_name} is already quantized "
                                       f"({stored}); load it without --quantization")
 
@@ -132,25 +134,54 @@ def load_weights_into(model: torch.nn.Module, resolved: ResolvedModel, device: t
             from turboinfer.layers.quantization.checkpoint import group_quantized
 
             weights = group_quantized(weights, qcfg)
-    model.load_weights(weights)
-    return finalize_quantized(model, device)
+    packed = [0]
+    model.load_weights(_pack_layers_as_loaded(model, weights, device, packed))
+    return packed[0] + finalize_quantized(model, device)
+
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _pack_layers_as_loaded(model: torch.nn.Module, weights: Iterator[tuple[str, object]], device: torch.device,
+                           packed: list[int]) -> Iterator[tuple[str, object]]:
+    """Pass `weights` through; when the checkpoint moves on from decoder layer i, pack that layer's quantized
+    shards at once. Waiting for the end would hold every layer's unpacked codes (1.25 bytes per weight, twice
+    the packed size) at the same time: that was most of the load peak, and the heap it left fragmented stayed
+    resident. A layer still missing a shard (files not ordered by layer) is left to the final pass."""
+    from turboinfer.layers.linear import Linear, finalize_quantized
+
+    current = None
+    for name, tensor in weights:
+        m = _LAYER_RE.match(name)
+        idx = int(m.group(1)) if m else None
+        if current is not None and idx != current:
+            layer = model.get_submodule(f"model.layers.{current}")
+            if all(set(mod.pending_quantized) == set(mod.shard_sizes)
+                   for mod in layer.modules() if isinstance(mod, Linear) and mod.pending_quantized):
+                packed[0] += finalize_quantized(layer, device)
+        current = idx
+        yield name, tensor
 
 
 def quantize_loaded(model: torch.nn.Module, resolved: ResolvedModel, device: torch.device, method: str,
-                    group_size: int, awq: bool, tokenizer=None) -> dict:
+                    group_size: int, awq: bool, tokenizer=None, gptq: bool = False) -> dict:
     """--quantization on a float checkpoint: quantize the just-loaded model's Linears in place (AWQ: after one
-    calibration pass of the float model over the built-in text). Returns the quantized weights by module name;
-    nothing happens for "none" or a checkpoint that is quantized already."""
+    calibration pass of the float model over the built-in text; GPTQ: layer by layer over that text). Returns the
+    quantized weights by module name; nothing happens for "none" or a checkpoint that is quantized already."""
     if method == "none" or checkpoint_quantization(resolved) is not None:
         return {}
+    from turboinfer.layers.quantization.awq import MAX_CALIBRATION_TOKENS, calibration_text, collect_input_stats
     from turboinfer.layers.quantization.transform import quantize_model
 
     stats = None
-    if awq:
-        from turboinfer.layers.quantization.awq import MAX_CALIBRATION_TOKENS, calibration_text, collect_input_stats
-
+    if awq or gptq:
         ids = tokenizer.encode(calibration_text())
         ids = ids[:min(MAX_CALIBRATION_TOKENS, model.arch.max_position_embeddings)]
+    if gptq:
+        from turboinfer.layers.quantization.gptq import quantize_model_gptq
+
+        return quantize_model_gptq(model, ids, group_size, device)
+    if awq:
         stats = collect_input_stats(model, ids)
     return quantize_model(model, method, group_size, device, stats)
 

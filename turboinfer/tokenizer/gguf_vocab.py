@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import logging
 
+# Imported with this module, i.e. before the vocabulary is decoded: a first import while ~100k vocabulary
+# strings are alive would scatter its long-lived objects among them, and the allocator could not hand those
+# pages back after the strings are freed (~4 MiB stayed resident when these imports sat in the functions).
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
 from turboinfer.errors import ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -67,8 +72,6 @@ def build_gguf_tokenizer(md: dict, source: str = "GGUF file"):
 
 
 def _add_special(tok, tokens: list[str], types: list[int]) -> None:
-    from tokenizers import AddedToken
-
     control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if control:
@@ -78,8 +81,6 @@ def _add_special(tok, tokens: list[str], types: list[int]) -> None:
 
 
 def _byte_level_bpe(md: dict, tokens: list[str], source: str):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     pre = md.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise UnsupportedModelError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
@@ -100,8 +101,6 @@ def _byte_level_bpe(md: dict, tokens: list[str], source: str):
 
 
 def _sentencepiece_bpe(md: dict, tokens: list[str], types: list[int], source: str):
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
     scores = md.get("tokenizer.ggml.scores")
     if not scores or len(scores) != len(tokens):
         raise ModelLoadError(f"{source}: SentencePiece vocabulary without per-token scores")

@@ -1,5 +1,5 @@
 """4-bit weights kept packed: w = q * scale + zero per group of `group_size` input features, q in [0, 15], run by
-torch's int4 matmul (CPU) without ever materialising a float weight.
+torch's int4 matmul (CPU) or a Triton dequant-matmul (CUDA) without ever materialising a float weight.
 
 Two sources produce them. GGUF Q4_0 / Q4_1 / Q4_K rows decompose exactly (group of 32):
   Q4_0: scale = d,       zero = -8 d
@@ -10,6 +10,7 @@ torch's kernel computes (q - 8) * scale + (zero + 8 scale), so the stored pair i
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,7 +22,7 @@ from turboinfer.errors import UnsupportedModelError
 Q4_0, Q4_1, Q4_K = 2, 3, 12  # GGMLQuantizationType values
 GROUP = 32  # GGUF's group size
 Q4_TYPES = (Q4_0, Q4_1, Q4_K)
-KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4pack kernel accepts
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4pack kernel accepts (and the Triton one runs)
 
 
 @dataclass
@@ -152,7 +153,37 @@ class Int4TorchMethod:
         return F.linear(x, self.w.dequantize().to(x.dtype), layer.bias)
 
 
+class Int4TritonMethod:
+    """CUDA: the Triton dequant-matmul (`kernels/triton/dequant_matmul.py`) over codes packed two to a byte, so a
+    call reads 0.5 byte per weight plus the scales and never writes a float weight. Scales and zeros are stored
+    float16 (GGUF's own precision for Q4_0 / Q4_1; a relative 2^-11 elsewhere), float32 if they would overflow."""
+
+    def __init__(self, w: Q4Weight, device: torch.device) -> None:
+        from turboinfer.kernels.triton.dequant_matmul import int4_matmul, pack_int4
+
+        self.matmul = int4_matmul  # imported here, not at the top: the CPU path must not need triton
+        n, _ = w.shape
+        self.out_features = n
+        self.group_size = w.group_size
+        self.qweight = pack_int4(w.q).to(device)  # [N, K // 2] uint8
+        fits = max(w.scale.abs().max().item(), w.zero.abs().max().item()) < torch.finfo(torch.float16).max
+        dtype = torch.float16 if fits else torch.float32
+        self.scale = w.scale.t().to(device, dtype).contiguous()  # [K // group_size, N]
+        self.zero = w.zero.t().to(device, dtype).contiguous()
+        self.input_scale = None if w.input_scale is None else w.input_scale.to(device)  # [K] float32
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.input_scale is not None:
+            x2 = (x2 * self.input_scale).to(x.dtype)
+        y = self.matmul(x2.contiguous(), self.qweight, self.scale, self.zero, self.group_size, layer.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
 def q4_method(w: Q4Weight, device: torch.device):
     if device.type == "cpu" and w.shape[0] % 16 == 0 and w.group_size in KERNEL_GROUP_SIZES:
         return Int4CPUMethod(w, device)
+    if device.type == "cuda" and w.group_size in KERNEL_GROUP_SIZES and importlib.util.find_spec("triton"):
+        return Int4TritonMethod(w, device)
     return Int4TorchMethod(w, device)
