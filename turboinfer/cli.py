@@ -62,6 +62,12 @@ def _make_llm(args):
     print(f"Loaded {w.resolved.display_name} ({w.arch.architecture}, {w.dtype}, {w.device}) in "
           f"{w.load_seconds:.1f}s; KV cache {(w.num_blocks - 1) * cfg.block_size} tokens, "
           f"max_model_len {w.max_model_len}", file=sys.stderr, flush=True)
+    graphs = w.runner.decode_graphs
+    if graphs is not None:
+        print(f"CUDA graphs: {len(graphs.graphs)} decode batch sizes up to {graphs.max_batch} captured in "
+              f"{graphs.capture_seconds:.1f}s (--enforce-eager to skip)", file=sys.stderr, flush=True)
+    elif w.runner.cpu_decoder is not None:
+        print("CPU decode: one C call per step (docs/cpu_decode.md)", file=sys.stderr, flush=True)
     from turboinfer.runner.worker import memory_report
 
     print("Memory (turboinfer estimate's arithmetic, filled with what was allocated):", file=sys.stderr)

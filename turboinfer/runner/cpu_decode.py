@@ -101,11 +101,13 @@ class CPUDecoder:
         self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.work = torch.empty(0)
 
-    def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
+                 nthreads: int | None = None) -> torch.Tensor:
         """One token per sequence -> logits [M, vocab] float32 (or the final hidden states when the output
-        projection is not a Q8_0 table; then the model's own compute_logits finishes the job)."""
+        projection is not a Q8_0 table; then the model's own compute_logits finishes the job). `nthreads`: the C
+        step's threads (default: torch's)."""
         m = len(input_ids)
-        nthreads = torch.get_num_threads()
+        nthreads = nthreads or torch.get_num_threads()
         need = self.lib.ti_workspace_floats(self.dims.data_ptr(), MAX_BATCH, nthreads)
         if self.work.numel() < need:
             self.work = torch.empty(need, dtype=torch.float32)

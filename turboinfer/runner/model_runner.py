@@ -9,13 +9,15 @@ from turboinfer.engine.batch import ModelOutput, ScheduledSeq, SchedulerOutput, 
 from turboinfer.kernels import get_ops
 from turboinfer.runner.attention_metadata import AttentionMetadata
 from turboinfer.runner.cpu_decode import MAX_BATCH, create_cpu_decoder
+from turboinfer.runner.cuda_graphs import DecodeGraphs
 from turboinfer.runner.sampler import Sampler, top_logprobs
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, kv_dtype: torch.dtype | None = None, seed: int = 0,
-                 attention_backend: str = "torch") -> None:
+                 attention_backend: str = "torch", max_num_seqs: int = 64, max_seq_len: int | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -37,6 +39,12 @@ class ModelRunner:
         # Small all-decode steps in one C call where the model qualifies (see runner/cpu_decode.py).
         self.cpu_decoder = create_cpu_decoder(model, device, dtype, kv_dtype, block_size,
                                               (num_blocks - 1) * block_size)
+        # On CUDA, decode-only steps replay graphs captured over fixed buffers (runner/cuda_graphs.py).
+        self.decode_graphs = None
+        if cuda_graphs:
+            self.decode_graphs = DecodeGraphs(model, self.ops, block_size, max_num_seqs,
+                                              max_seq_len or (num_blocks - 1) * block_size, device)
+            self.decode_graphs.capture()
 
     def kv_cache_bytes(self) -> int:
         """Bytes of every KV tensor allocated (codes and scales), for the memory report."""
@@ -83,9 +91,9 @@ class ModelRunner:
         order = sorted(range(len(sched.seqs)),
                        key=lambda i: not (sched.seqs[i].num_new_tokens == 1 and sched.seqs[i].start_pos > 0))
         seqs = [sched.seqs[i] for i in order]
-        if self.cpu_decoder is not None and len(seqs) <= MAX_BATCH and all(
-                s.num_new_tokens == 1 and s.start_pos > 0 and s.sample and not s.prompt_logprobs for s in seqs):
-            return self._execute_cpu_decode(sched.seqs)
+        fast = self._fast_decode(seqs)
+        if fast is not None:
+            return self._execute_fast_decode(sched.seqs, fast)
         input_ids, positions, meta = self._prepare(seqs)
         hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
 
@@ -120,10 +128,33 @@ class ModelRunner:
             out[i] = results[pos]
         return ModelOutput(out)
 
-    def _execute_cpu_decode(self, seqs: list[ScheduledSeq]) -> ModelOutput:
-        logits = self.cpu_decoder([s.request.all_token_ids[s.start_pos] for s in seqs], [s.start_pos for s in seqs],
-                                  [s.block_ids for s in seqs])
-        tokens, lps = self.sampler(logits, [s.request for s in seqs])
+    def _fast_decode(self, seqs: list[ScheduledSeq]):
+        """The whole-step decode path for this step (C step on CPU, CUDA graph on GPU), or None."""
+        if not all(s.num_new_tokens == 1 and s.start_pos > 0 and s.sample and not s.prompt_logprobs for s in seqs):
+            return None
+        if self.cpu_decoder is not None and len(seqs) <= MAX_BATCH:
+            return self.cpu_decoder
+        if self.decode_graphs is not None and len(seqs) <= self.decode_graphs.max_batch:
+            return self.decode_graphs.run
+        return None
+
+    def _execute_fast_decode(self, seqs: list[ScheduledSeq], decode) -> ModelOutput:
+        args = ([s.request.all_token_ids[s.start_pos] for s in seqs], [s.start_pos for s in seqs],
+                [s.block_ids for s in seqs])
+        if decode is not self.cpu_decoder:
+            logits = decode(*args).float()
+            tokens, lps = self.sampler(logits, [s.request for s in seqs])
+        else:
+            # The C step has its own threads. The small torch ops around it (embedding rows, sampling) run on
+            # one thread: on more, torch's OpenMP workers would spin after each op on the cores the next C step
+            # needs.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                logits = decode(*args, nthreads=threads)
+                tokens, lps = self.sampler(logits, [s.request for s in seqs])
+            finally:
+                torch.set_num_threads(threads)
         return ModelOutput([SeqResult(t, logprobs=lp) for t, lp in zip(tokens, lps)])
 
     def _prompt_logprobs(self, s: ScheduledSeq, logits: torch.Tensor) -> list[dict]:

@@ -120,7 +120,8 @@ def memory_report(worker: "Worker", cfg: EngineConfig) -> list[str]:
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=worker.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.block_size,
         device="cuda" if worker.device.startswith("cuda") else "cpu", num_kv_blocks=worker.num_blocks,
-        weight_bytes=model_weight_bytes(worker.runner.model), weights_note="as loaded", cuda_graphs=False)
+        weight_bytes=model_weight_bytes(worker.runner.model), weights_note="as loaded",
+        cuda_graphs=worker.runner.decode_graphs is not None)
     return [f"  {label:<14} {nbytes / 2**20:10.1f} MiB  {note}" for label, nbytes, note in est.breakdown()]
 
 
@@ -128,7 +129,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
     t0 = time.monotonic()
     dummy = cfg.load_format == "dummy"
     resolved = resolve_for_load(cfg.model, cfg.load_format)
-    check_quantization(resolved, cfg.quantization, cfg.quant_group_size, cfg.awq)
+    check_quantization(resolved, cfg.quantization, cfg.quant_group_size, cfg.awq, cfg.gptq)
     arch = load_arch(resolved)
     tokenizer = load_tokenizer(resolved, arch if dummy else None)
     device = cfg.resolved_device()
@@ -148,7 +149,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
     else:
         num_packed = load_weights_into(model, resolved, torch.device(device), keep_packed=not cfg.dequantize_gguf)
     num_packed += len(quantize_loaded(model, resolved, torch.device(device), cfg.quantization, cfg.quant_group_size,
-                                      cfg.awq, tokenizer))
+                                      cfg.awq, tokenizer, cfg.gptq))
     model.eval()
     release_load_memory()
 
@@ -179,6 +180,7 @@ def create_worker(cfg: EngineConfig) -> Worker:
                                   f"cache holds {capacity}; raise --kv-cache-memory or lower --max-model-len")
     max_len = min(max_len, capacity)
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
-                         seed=cfg.seed, attention_backend=attention_backend)
+                         seed=cfg.seed, attention_backend=attention_backend, max_num_seqs=cfg.max_num_seqs,
+                         max_seq_len=max_len, cuda_graphs=device.startswith("cuda") and not cfg.enforce_eager)
     return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,
                   num_packed)

@@ -3,8 +3,7 @@
 The library is built for this machine's CPU (-march=native) into ~/.cache/turboinfer/kernels under a name that
 hashes the source, the flags, the compiler and the CPU's feature flags, so a change to any of them rebuilds it and
 a cache shared between machines never hands one CPU another's binary. Without a compiler the engine runs the
-PyTorch path and says why once. OpenMP comes from the runtime torch already loaded (same soname), so both share
-one thread pool instead of fighting over the cores."""
+PyTorch path and says why once. The library brings its own small thread pool (pthreads), asleep between steps."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from pathlib import Path
 log = logging.getLogger("turboinfer")
 
 SOURCE = Path(__file__).with_name("decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-pthread", "-fPIC", "-shared", "-std=gnu11")
 ENV_SWITCH = "TURBOINFER_CPU_KERNELS"  # "0" turns the C decode path off
 
 _cache: dict[tuple[str, ...], ctypes.CDLL | None] = {}

@@ -1,7 +1,7 @@
 /* One decode step of a Llama-family model on the CPU, every layer in one call.
  *
  * Why it exists: at batch 1 a small model's decode step is ~1,600 tiny PyTorch ops, and their dispatch costs
- * more than the matmuls. Here the whole step is one OpenMP region: the int4 matmuls read torch's own packed
+ * more than the matmuls. Here the whole step is one call on a team of threads: the int4 matmuls read torch's own packed
  * layout (the same tensors the PyTorch path uses, so no second copy of the weights), the Q8_0 tied output
  * projection reads the embedding's int8 codes, and norms, RoPE, the KV store and paged attention are plain loops.
  * Activations stay float32 from start to end.
@@ -19,9 +19,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
-#ifdef __AVX512F__
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
 #endif
 
 enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_BLOCK_SIZE, D_GROUP,
@@ -48,6 +53,117 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 
 static inline float load_w(const void *p, int i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* ---------------------------------------------------------------- threads
+ * A step runs on a team: the calling thread plus workers that spin on sense-reversing barriers inside the step
+ * and, between steps, spin briefly and then sleep on a condition variable. (OpenMP's idle threads keep spinning
+ * after a region ends, taking a core from the Python side of the engine and from the server's event loop; here
+ * they let go within ~0.5 ms.) The pool lives for the process; one step runs at a time. */
+#define MAX_THREADS 256
+#define IDLE_SPINS 20000
+
+typedef struct {
+    atomic_int count, sense;
+} Barrier;
+
+typedef struct {
+    int tid, n, sense;
+    Barrier *bar;
+} Team;
+
+static void barrier(Team *t) {
+    if (t->n == 1) return;
+    int s = !t->sense;
+    t->sense = s;
+    if (atomic_fetch_add_explicit(&t->bar->count, 1, memory_order_acq_rel) == t->n - 1) {
+        atomic_store_explicit(&t->bar->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&t->bar->sense, s, memory_order_release);
+    } else {
+        while (atomic_load_explicit(&t->bar->sense, memory_order_acquire) != s) cpu_relax();
+    }
+}
+
+/* This thread's share [lo, hi) of n iterations (static, contiguous: consecutive iterations share weights). */
+static inline void span(const Team *t, int n, int *lo, int *hi) {
+    *lo = (int)((long long)n * t->tid / t->n);
+    *hi = (int)((long long)n * (t->tid + 1) / t->n);
+}
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int num_workers, active, pid;
+    atomic_uint generation;
+    atomic_int finished;
+    void (*fn)(void *, Team *);
+    void *arg;
+    Barrier bar;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL, NULL, {0, 0}};
+static pthread_mutex_t step_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void *worker_main(void *arg) {
+    /* arg: the generation current when the thread was created (its first step is the next one) and its id */
+    int tid = (int)((uintptr_t)arg & 0xffff);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 16);
+    for (;;) {
+        unsigned g;
+        for (int i = 0; i < IDLE_SPINS && (g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; i++)
+            cpu_relax();
+        if (g == seen) {
+            pthread_mutex_lock(&pool.mu);
+            while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = g;
+        if (tid >= pool.active) continue;
+        Team t = {tid, pool.active, 0, &pool.bar};
+        pool.fn(pool.arg, &t);
+        atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {  /* the workers did not come along */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&step_mu, NULL);
+    pool.num_workers = 0;
+}
+
+/* Run fn on nthreads threads (this one included); returns when all have finished. */
+static void run_team(int nthreads, void (*fn)(void *, Team *), void *arg) {
+    nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
+    if (pool.pid != getpid()) {
+        if (pool.pid == 0) pthread_atfork(NULL, NULL, after_fork_in_child);
+        pool.pid = getpid();
+        pool.num_workers = 0;
+    }
+    while (pool.num_workers < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        uintptr_t arg = ((uintptr_t)atomic_load(&pool.generation) << 16) | (uintptr_t)(pool.num_workers + 1);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)arg);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool.num_workers++;
+    }
+    if (nthreads > pool.num_workers + 1) nthreads = pool.num_workers + 1;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.active = nthreads;
+    atomic_store(&pool.finished, 0);
+    atomic_store(&pool.bar.count, 0);
+    atomic_store(&pool.bar.sense, 0);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    Team t = {0, nthreads, 0, &pool.bar};
+    fn(arg, &t);
+    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < nthreads - 1) cpu_relax();
 }
 
 /* ---------------------------------------------------------------- exp, for softmax and SiLU */
@@ -170,19 +286,21 @@ static void q4_block(const float *x, int ldx, const float *xsum, int ldxs, int m
 #endif
 }
 
-/* Called by every thread of the region: row-blocks are split across threads, then all wait. */
-static void q4_matmul(const float *x, int M, int K, int N, int group, const uint8_t *w, const uint16_t *sz,
-                      const void *bias, int bias_bf16, float *y, float *xsum) {
-    #pragma omp for schedule(static)
-    for (int i = 0; i < M * (K / group); i++) {
+/* Called by every thread of the team: row-blocks are split across threads, then all wait. */
+static void q4_matmul(Team *team, const float *x, int M, int K, int N, int group, const uint8_t *w,
+                      const uint16_t *sz, const void *bias, int bias_bf16, float *y, float *xsum) {
+    int lo, hi;
+    span(team, M * (K / group), &lo, &hi);
+    for (int i = lo; i < hi; i++) {
         int m = i / (K / group), g = i % (K / group);
         float s = 0;
         for (int k = g * group; k < (g + 1) * group; k++) s += x[(size_t)m * K + k];
         xsum[i] = s;
     }
+    barrier(team);
     int nblocks = N / 64, mchunks = (M + 3) / 4;
-    #pragma omp for schedule(static)
-    for (int t = 0; t < nblocks * mchunks; t++) {
+    span(team, nblocks * mchunks, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
         /* consecutive t share a row-block, so its weights are read from memory once and from cache after */
         int nb = t / mchunks, m0 = (t % mchunks) * 4, mc = M - m0 < 4 ? M - m0 : 4;
         q4_block(x + (size_t)m0 * K, K, xsum + (size_t)m0 * (K / group), K / group, mc, K, N, group, w, sz, nb,
@@ -191,6 +309,7 @@ static void q4_matmul(const float *x, int M, int K, int N, int group, const uint
             for (int m = m0; m < m0 + mc; m++)
                 for (int j = nb * 64; j < nb * 64 + 64; j++) y[(size_t)m * N + j] += load_w(bias, j, bias_bf16);
     }
+    barrier(team);
 }
 
 /* ---------------------------------------------------------------- Q8_0 tied output projection */
@@ -211,20 +330,20 @@ static float q8_logit_row(const float *x, int H, int V, const int8_t *codes, con
     return s;
 }
 
-static void q8_logits(const float *x, int M, int H, int V, const int8_t *codes, const float *scales, float *out,
-                      int16_t *xq, float *dx) {
-    int ngroups = H / 32, nchunks = V / LOGIT_ROWS;
+static void q8_logits(Team *team, const float *x, int M, int H, int V, const int8_t *codes, const float *scales,
+                      float *out, int16_t *xq, float *dx) {
+    int ngroups = H / 32, nchunks = V / LOGIT_ROWS, lo, hi;
 #ifdef __AVX512BW__
-    #pragma omp single
-    for (int m = 0; m < M; m++) {
+    for (int m = 0; m < M && team->tid == 0; m++) {
         float amax = 0;
         for (int i = 0; i < H; i++) amax = fabsf(x[(size_t)m * H + i]) > amax ? fabsf(x[(size_t)m * H + i]) : amax;
         dx[m] = amax > 0 ? amax / 32767.f : 1.f;
         for (int i = 0; i < H; i++) xq[(size_t)m * H + i] = (int16_t)lrintf(x[(size_t)m * H + i] / dx[m]);
     }
+    barrier(team);
     int mpairs = (M + 1) / 2;
-    #pragma omp for schedule(static)
-    for (int t = 0; t < nchunks * mpairs; t++) {  /* pairs of rows of x over one chunk of the table, then the next */
+    span(team, nchunks * mpairs, &lo, &hi);
+    for (int t = lo; t < hi; t++) {  /* pairs of rows of x over one chunk of the table, then the next */
         int r0 = (t / mpairs) * LOGIT_ROWS, m0 = (t % mpairs) * 2, m1 = m0 + 1 < M ? m0 + 1 : m0;
         __m512 acc0[LOGIT_ROWS], acc1[LOGIT_ROWS];
         for (int r = 0; r < LOGIT_ROWS; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
@@ -249,17 +368,17 @@ static void q8_logits(const float *x, int M, int H, int V, const int8_t *codes, 
     }
 #else
     (void)xq, (void)dx;
-    #pragma omp for schedule(static)
-    for (int t = 0; t < nchunks * M; t++) {
+    span(team, nchunks * M, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
         int r0 = (t % nchunks) * LOGIT_ROWS, m = t / nchunks;
         for (int r = r0; r < r0 + LOGIT_ROWS; r++)
             out[(size_t)m * V + r] = q8_logit_row(x + (size_t)m * H, H, V, codes, scales, r);
     }
 #endif
-    #pragma omp single
-    for (int m = 0; m < M; m++)  /* rows past the last whole chunk */
+    for (int m = 0; m < M && team->tid == 0; m++)  /* rows past the last whole chunk */
         for (int r = nchunks * LOGIT_ROWS; r < V; r++)
             out[(size_t)m * V + r] = q8_logit_row(x + (size_t)m * H, H, V, codes, scales, r);
+    barrier(team);
 }
 
 /* ---------------------------------------------------------------- paged attention for one query head */
@@ -516,101 +635,127 @@ size_t ti_workspace_floats(const int64_t *dims, int M, int nthreads) {
                     nthreads * (nh / nkv) * dims[D_MAX_SEQ] + 64);
 }
 
+/* Everything a thread of the step needs; filled once by ti_decode_step. */
+typedef struct {
+    const int64_t *dims, *positions, *seq_lens, *block_tables;
+    void *const *ptrs;
+    float *x, *logits, *res, *xn, *buf, *ao, *act, *xsum, *parts, *scores;
+    float eps, scale;
+    int M, bt_stride, nsplit;
+} Step;
+
+static void step_body(void *arg, Team *team) {
+    const Step *c = arg;
+    const int64_t *dims = c->dims, *positions = c->positions, *seq_lens = c->seq_lens, *block_tables = c->block_tables;
+    const int M = c->M, bt_stride = c->bt_stride, nsplit = c->nsplit;
+    const int L = dims[D_LAYERS], H = dims[D_HIDDEN], nh = dims[D_HEADS], nkv = dims[D_KV_HEADS];
+    const int hd = dims[D_HEAD_DIM], I = dims[D_INTER], bs = dims[D_BLOCK_SIZE], group = dims[D_GROUP];
+    const int window = dims[D_WINDOW], bf16 = dims[D_BF16], max_seq = dims[D_MAX_SEQ], kv_kind = dims[D_KV_KIND];
+    const int qkv_n = (nh + 2 * nkv) * hd, gsize = nh / nkv, half = hd / 2;
+    const size_t el = kv_kind == KV_INT8 ? 1 : kv_kind == KV_BF16 ? 2 : 4, row_bytes = (size_t)nkv * hd * el;
+    const size_t part_stride = (size_t)gsize * (hd + 2);
+    void *const *glob = c->ptrs + (size_t)L * P_PER_LAYER;
+    float *x = c->x, *res = c->res, *xn = c->xn, *buf = c->buf, *ao = c->ao, *act = c->act, *xsum = c->xsum;
+    float *parts = c->parts, *my_scores = c->scores + (size_t)team->tid * gsize * max_seq;
+    const int tid = team->tid;
+    int lo, hi;
+
+    for (int l = 0; l < L; l++) {
+        void *const *p = c->ptrs + (size_t)l * P_PER_LAYER;
+        for (int m = 0; m < M && tid == 0; m++) {
+            float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
+            if (l == 0) memcpy(rm, xm, sizeof(float) * H);
+            else for (int i = 0; i < H; i++) rm[i] += xm[i];
+            rms_norm(rm, p[P_IN_NORM], bf16, H, c->eps, xn + (size_t)m * H);
+        }
+        barrier(team);
+        q4_matmul(team, xn, M, H, qkv_n, group, p[P_QKV_W], p[P_QKV_S], p[P_QKV_B], bf16, buf, xsum);
+        /* RoPE on q and k heads, then the new K/V into the cache */
+        span(team, M * (nh + nkv), &lo, &hi);
+        for (int i = lo; i < hi; i++) {
+            int m = i / (nh + nkv), h = i % (nh + nkv);
+            const float *cs = (const float *)glob[G_COS] + (size_t)positions[m] * half;
+            const float *sn = (const float *)glob[G_SIN] + (size_t)positions[m] * half;
+            rope(buf + (size_t)m * qkv_n + (size_t)h * hd, half, cs, sn);
+        }
+        barrier(team);
+        span(team, M * nkv, &lo, &hi);
+        for (int i = lo; i < hi; i++) {
+            int m = i / nkv, h = i % nkv;
+            int64_t pos = positions[m];
+            size_t row = (size_t)block_tables[(size_t)m * bt_stride + pos / bs] * bs + pos % bs;
+            const float *kn = buf + (size_t)m * qkv_n + (size_t)(nh + h) * hd, *vn = kn + (size_t)nkv * hd;
+            size_t off = row * row_bytes + (size_t)h * hd * el, soff = row * nkv + h;
+            store_head(kn, hd, kv_kind, (char *)p[P_K_CACHE] + off, kv_kind == KV_INT8 ? (float *)p[P_K_SCALE] + soff : NULL);
+            store_head(vn, hd, kv_kind, (char *)p[P_V_CACHE] + off, kv_kind == KV_INT8 ? (float *)p[P_V_SCALE] + soff : NULL);
+        }
+        barrier(team);
+        span(team, M * nkv * nsplit, &lo, &hi);
+        for (int i = lo; i < hi; i++) {
+            int m = i / (nkv * nsplit), kvh = i / nsplit % nkv, sp = i % nsplit;
+            int len = (int)seq_lens[m], start = window > 0 && len > window ? len - window : 0;
+            int chunk = (len - start + nsplit - 1) / nsplit, t0 = start + sp * chunk;
+            int t1 = t0 + chunk < len ? t0 + chunk : len;
+            KVView kv = {p[P_K_CACHE], p[P_V_CACHE], p[P_K_SCALE], p[P_V_SCALE], row_bytes, (size_t)kvh * hd * el,
+                         kv_kind, nkv, kvh};
+            attend(buf + (size_t)m * qkv_n + (size_t)kvh * gsize * hd, gsize, &kv, block_tables + (size_t)m * bt_stride,
+                   bs, t0, t1, hd, c->scale, my_scores, parts + (size_t)i * part_stride);
+        }
+        barrier(team);
+        span(team, M * nh, &lo, &hi);
+        for (int i = lo; i < hi; i++) {
+            int m = i / nh, h = i % nh, kvh = h / gsize, g = h % gsize;
+            merge_splits(parts + ((size_t)(m * nkv + kvh) * nsplit) * part_stride + (size_t)g * (hd + 2), nsplit,
+                         part_stride, hd, ao + (size_t)m * nh * hd + (size_t)h * hd);
+        }
+        barrier(team);
+        q4_matmul(team, ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, x, xsum);
+        for (int m = 0; m < M && tid == 0; m++) {
+            float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
+            for (int i = 0; i < H; i++) rm[i] += xm[i];
+            rms_norm(rm, p[P_POST_NORM], bf16, H, c->eps, xn + (size_t)m * H);
+        }
+        barrier(team);
+        q4_matmul(team, xn, M, H, 2 * I, group, p[P_GU_W], p[P_GU_S], NULL, 0, buf, xsum);
+        span(team, M, &lo, &hi);
+        for (int m = lo; m < hi; m++) silu_mul(buf + (size_t)m * 2 * I, I, act + (size_t)m * I);
+        barrier(team);
+        q4_matmul(team, act, M, I, H, group, p[P_DOWN_W], p[P_DOWN_S], NULL, 0, x, xsum);
+    }
+    for (int m = 0; m < M && tid == 0; m++) {
+        float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
+        for (int i = 0; i < H; i++) rm[i] += xm[i];
+        rms_norm(rm, glob[G_FINAL_NORM], bf16, H, c->eps, xm);
+    }
+    barrier(team);
+    if (dims[D_LOGITS])
+        q8_logits(team, x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], c->logits, (int16_t *)ao, xsum);
+}
+
 int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs, int M, float *x,
                    const int64_t *positions, const int64_t *seq_lens, const int64_t *block_tables, int bt_stride,
                    float *logits, float *work, int nthreads) {
-    const int L = dims[D_LAYERS], H = dims[D_HIDDEN], nh = dims[D_HEADS], nkv = dims[D_KV_HEADS];
-    const int hd = dims[D_HEAD_DIM], I = dims[D_INTER], bs = dims[D_BLOCK_SIZE], group = dims[D_GROUP];
-    const int window = dims[D_WINDOW], bf16 = dims[D_BF16], max_seq = dims[D_MAX_SEQ];
-    const float eps = fparams[0], scale = fparams[1];
-    const int qkv_n = (nh + 2 * nkv) * hd, gsize = nh / nkv, half = hd / 2;
-    const int big = qkv_n > 2 * I ? qkv_n : 2 * I;
-    const int kv_kind = dims[D_KV_KIND];
-    const size_t el = kv_kind == KV_INT8 ? 1 : kv_kind == KV_BF16 ? 2 : 4, row_bytes = (size_t)nkv * hd * el;
-    void *const *glob = ptrs + (size_t)L * P_PER_LAYER;
-
-    float *res = work, *xn = res + (size_t)M * H, *buf = xn + (size_t)M * H;  /* buf: qkv or gate|up */
-    float *ao = buf + (size_t)M * big, *act = ao + (size_t)M * nh * hd, *xsum = act + (size_t)M * I;
+    const int H = dims[D_HIDDEN], nh = dims[D_HEADS], nkv = dims[D_KV_HEADS], hd = dims[D_HEAD_DIM];
+    const int I = dims[D_INTER], qkv_n = (nh + 2 * nkv) * hd, big = qkv_n > 2 * I ? qkv_n : 2 * I;
     int kmax = H > I ? H : I;
     kmax = kmax > nh * hd ? kmax : nh * hd;
-    float *parts = xsum + (size_t)M * (kmax / 32 + 1);  /* [M, nkv, nsplit, G, hd + 2] attention partials */
-    float *scores = parts + (size_t)M * nh * MAX_SPLITS * (hd + 2);
-    /* Split each sequence's context so that there are a few tasks per thread even for one sequence. */
-    int nsplit = (4 * nthreads + M * nkv - 1) / (M * nkv);
-    nsplit = nsplit < 1 ? 1 : nsplit > MAX_SPLITS ? MAX_SPLITS : nsplit;
-    const size_t part_stride = (size_t)gsize * (hd + 2);
     for (int m = 0; m < M; m++)
-        if (positions[m] + 1 != seq_lens[m] || seq_lens[m] > max_seq) return -1;
-
-    #pragma omp parallel num_threads(nthreads)
-    {
-        float *my_scores = scores + (size_t)omp_get_thread_num() * gsize * max_seq;
-        for (int l = 0; l < L; l++) {
-            void *const *p = ptrs + (size_t)l * P_PER_LAYER;
-            #pragma omp single
-            for (int m = 0; m < M; m++) {
-                float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
-                if (l == 0) memcpy(rm, xm, sizeof(float) * H);
-                else for (int i = 0; i < H; i++) rm[i] += xm[i];
-                rms_norm(rm, p[P_IN_NORM], bf16, H, eps, xn + (size_t)m * H);
-            }
-            q4_matmul(xn, M, H, qkv_n, group, p[P_QKV_W], p[P_QKV_S], p[P_QKV_B], bf16, buf, xsum);
-            /* RoPE on q and k heads, then the new K/V into the cache */
-            #pragma omp for schedule(static)
-            for (int i = 0; i < M * (nh + nkv); i++) {
-                int m = i / (nh + nkv), h = i % (nh + nkv);
-                const float *cs = (const float *)glob[G_COS] + (size_t)positions[m] * half;
-                const float *sn = (const float *)glob[G_SIN] + (size_t)positions[m] * half;
-                rope(buf + (size_t)m * qkv_n + (size_t)h * hd, half, cs, sn);
-            }
-            #pragma omp for schedule(static)
-            for (int i = 0; i < M * nkv; i++) {
-                int m = i / nkv, h = i % nkv;
-                int64_t pos = positions[m];
-                size_t row = (size_t)block_tables[(size_t)m * bt_stride + pos / bs] * bs + pos % bs;
-                const float *kn = buf + (size_t)m * qkv_n + (size_t)(nh + h) * hd, *vn = kn + (size_t)nkv * hd;
-                size_t off = row * row_bytes + (size_t)h * hd * el, soff = row * nkv + h;
-                store_head(kn, hd, kv_kind, (char *)p[P_K_CACHE] + off, kv_kind == KV_INT8 ? (float *)p[P_K_SCALE] + soff : NULL);
-                store_head(vn, hd, kv_kind, (char *)p[P_V_CACHE] + off, kv_kind == KV_INT8 ? (float *)p[P_V_SCALE] + soff : NULL);
-            }
-            #pragma omp for schedule(static)
-            for (int i = 0; i < M * nkv * nsplit; i++) {
-                int m = i / (nkv * nsplit), kvh = i / nsplit % nkv, sp = i % nsplit;
-                int len = (int)seq_lens[m], start = window > 0 && len > window ? len - window : 0;
-                int chunk = (len - start + nsplit - 1) / nsplit, t0 = start + sp * chunk;
-                int t1 = t0 + chunk < len ? t0 + chunk : len;
-                KVView kv = {p[P_K_CACHE], p[P_V_CACHE], p[P_K_SCALE], p[P_V_SCALE], row_bytes, (size_t)kvh * hd * el,
-                             kv_kind, nkv, kvh};
-                attend(buf + (size_t)m * qkv_n + (size_t)kvh * gsize * hd, gsize, &kv, block_tables + (size_t)m * bt_stride,
-                       bs, t0, t1, hd, scale, my_scores, parts + (size_t)i * part_stride);
-            }
-            #pragma omp for schedule(static)
-            for (int i = 0; i < M * nh; i++) {
-                int m = i / nh, h = i % nh, kvh = h / gsize, g = h % gsize;
-                merge_splits(parts + ((size_t)(m * nkv + kvh) * nsplit) * part_stride + (size_t)g * (hd + 2), nsplit,
-                             part_stride, hd, ao + (size_t)m * nh * hd + (size_t)h * hd);
-            }
-            q4_matmul(ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, x, xsum);
-            #pragma omp single
-            for (int m = 0; m < M; m++) {
-                float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
-                for (int i = 0; i < H; i++) rm[i] += xm[i];
-                rms_norm(rm, p[P_POST_NORM], bf16, H, eps, xn + (size_t)m * H);
-            }
-            q4_matmul(xn, M, H, 2 * I, group, p[P_GU_W], p[P_GU_S], NULL, 0, buf, xsum);
-            #pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) silu_mul(buf + (size_t)m * 2 * I, I, act + (size_t)m * I);
-            q4_matmul(act, M, I, H, group, p[P_DOWN_W], p[P_DOWN_S], NULL, 0, x, xsum);
-        }
-        #pragma omp single
-        for (int m = 0; m < M; m++) {
-            float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
-            for (int i = 0; i < H; i++) rm[i] += xm[i];
-            rms_norm(rm, glob[G_FINAL_NORM], bf16, H, eps, xm);
-        }
-        if (dims[D_LOGITS])
-            q8_logits(x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], logits, (int16_t *)ao,
-                      xsum);
-    }
+        if (positions[m] + 1 != seq_lens[m] || seq_lens[m] > dims[D_MAX_SEQ]) return -1;
+    Step c = {dims, positions, seq_lens, block_tables, ptrs, x, logits, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, fparams[0], fparams[1], M, bt_stride, 0};
+    c.res = work;
+    c.xn = c.res + (size_t)M * H;
+    c.buf = c.xn + (size_t)M * H;  /* q|k|v, then gate|up */
+    c.ao = c.buf + (size_t)M * big;
+    c.act = c.ao + (size_t)M * nh * hd;
+    c.xsum = c.act + (size_t)M * I;
+    c.parts = c.xsum + (size_t)M * (kmax / 32 + 1);  /* [M, nkv, nsplit, G, hd + 2] attention partials */
+    c.scores = c.parts + (size_t)M * nh * MAX_SPLITS * (hd + 2);
+    /* Split each sequence's context so that there are a few attention tasks per thread even for one sequence. */
+    c.nsplit = (4 * nthreads + M * nkv - 1) / (M * nkv);
+    c.nsplit = c.nsplit < 1 ? 1 : c.nsplit > MAX_SPLITS ? MAX_SPLITS : c.nsplit;
+    pthread_mutex_lock(&step_mu);
+    run_team(nthreads, step_body, &c);
+    pthread_mutex_unlock(&step_mu);
     return 0;
 }
