@@ -3,7 +3,7 @@
     python benchmarks/cpu_bench.py [--model PATH_OR_ALIAS] [--threads 2] [--json benchmarks/results/cpu.json]
 
 Figures: batch-1 decode tok/s (128 tokens after a 16-token prompt, first token excluded), 512-token prefill
-tok/s, aggregate decode tok/s of 16 concurrent prompts (turboinfer only), and perplexity over
+tok/s (median of 5), aggregate decode tok/s of 16 concurrent prompts (turboinfer only), and perplexity over
 benchmarks/data/lighthouses.txt (the same token ids fed to every engine). Each engine runs with the same
 thread count. HF transformers loads the same GGUF (dequantized to float32 by the gguf package).
 """
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "data", "lighthouses.txt")
 DECODE_TOKENS = 128
 PREFILL_TOKENS = 512
+PREFILL_REPEATS = 5  # prefill is one ~0.5 s measurement: the median of five
 
 
 def nll_from_logits(logits: torch.Tensor, ids: list[int]) -> float:
@@ -54,10 +56,13 @@ def bench_turboinfer(model: str, threads: int, ids: list[int], prompt: list[int]
     one = SamplingParams(temperature=0, max_tokens=1)
     long_prompt = ids[:PREFILL_TOKENS]
     llm.generate([long_prompt], one, use_tqdm=False)
-    llm.engine.kv.pool.reset_prefix_cache()
-    t = time.perf_counter()
-    llm.generate([long_prompt], one, use_tqdm=False)
-    prefill = PREFILL_TOKENS / (time.perf_counter() - t)
+    times = []
+    for _ in range(PREFILL_REPEATS):
+        llm.engine.kv.pool.reset_prefix_cache()
+        t = time.perf_counter()
+        llm.generate([long_prompt], one, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    prefill = PREFILL_TOKENS / statistics.median(times)
 
     prompts = [ids[i * 16:(i + 1) * 16] for i in range(16)]
     llm.engine.kv.pool.reset_prefix_cache()
@@ -128,9 +133,12 @@ def bench_hf(gguf_path: str, threads: int, ids: list[int], prompt: list[int]) ->
         decode = (DECODE_TOKENS - 1) / (time.perf_counter() - t - t1)
         long_prompt = torch.tensor([ids[:PREFILL_TOKENS]])
         model(long_prompt)
-        t = time.perf_counter()
-        model(long_prompt)
-        prefill = PREFILL_TOKENS / (time.perf_counter() - t)
+        times = []
+        for _ in range(PREFILL_REPEATS):
+            t = time.perf_counter()
+            model(long_prompt)
+            times.append(time.perf_counter() - t)
+        prefill = PREFILL_TOKENS / statistics.median(times)
         logits = model(torch.tensor([ids])).logits[0]
     return {"decode_tok_s": decode, "prefill_tok_s": prefill, "perplexity": math.exp(nll_from_logits(logits, ids))}
 
@@ -151,10 +159,13 @@ def bench_llama_cpp(gguf_path: str, threads: int, ids: list[int], prompt: list[i
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     llm.reset()
     llm.eval(ids[:PREFILL_TOKENS])
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids[:PREFILL_TOKENS])
-    prefill = PREFILL_TOKENS / (time.perf_counter() - t)
+    times = []
+    for _ in range(PREFILL_REPEATS):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:PREFILL_TOKENS])
+        times.append(time.perf_counter() - t)
+    prefill = PREFILL_TOKENS / statistics.median(times)
     llm.reset()
     llm.eval(ids)
     logits = torch.tensor(llm.scores[: len(ids)])

@@ -3,7 +3,8 @@
     python benchmarks/report.py            # rewrites BENCHMARKS.md
     turboinfer bench report                # the same
 
-Renderers: cpu_default_model (benchmarks/cpu_bench.py) and bench_latency / bench_throughput / bench_serve
+Renderers: cpu_default_model (benchmarks/cpu_bench.py), memory_cpu (benchmarks/memory_bench.py),
+quant_quality_cpu (benchmarks/quant_quality.py) and bench_latency / bench_throughput / bench_serve
 (`turboinfer bench ... --json benchmarks/results/NAME.json`).
 """
 
@@ -34,7 +35,7 @@ def render_cpu_default_model(r: dict) -> str:
         f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {r['date']}.",
         f"Command: `{r['command']}`.",
         "",
-        "Decode: 128 greedy tokens after a 16-token prompt, batch 1. Prefill: one 512-token prompt. "
+        "Decode: 128 greedy tokens after a 16-token prompt, batch 1. Prefill: one 512-token prompt (median of 5). "
         "Aggregate: 16 prompts decoded concurrently. Perplexity: "
         f"`benchmarks/data/lighthouses.txt` ({r['text_tokens']} tokens, the same ids for every engine).",
         "",
@@ -62,6 +63,11 @@ def render_cpu_default_model(r: dict) -> str:
                       f"and {100 * (ours['perplexity'] / lc['perplexity'] - 1):+.2f}% (packed path) vs llama.cpp")
     ratios.append(f"16-way aggregate = {ours['aggregate16_tok_s'] / ours['decode_tok_s']:.1f}x our batch-1 decode")
     lines.append("Ratios (turboinfer packed path): " + "; ".join(ratios) + ".")
+    if ours.get("perplexity_decode_step"):
+        lines += ["", "Decode runs as one C call per step (docs/cpu_decode.md). The whole text fed through that step "
+                      f"one token at a time: perplexity {ours['perplexity_decode_step']:.3f} "
+                      f"({100 * (ours['perplexity_decode_step'] / res['turboinfer_float32']['perplexity'] - 1):+.2f}% "
+                      "vs the float32 dequantized path)."]
     kv8 = res.get("turboinfer_kv_int8")
     if kv8:
         lines += ["", f"int8 KV cache (packed path otherwise): perplexity {kv8['perplexity']:.3f}, "
@@ -179,10 +185,44 @@ def render_memory_cpu(r: dict) -> str:
         lines.append(f"| {x.get('model', r.get('model'))} | {x['max_model_len']} | {x['max_num_seqs']} | {x['kv_cache_dtype']} | {x['dtype']} | "
                      f"{x['estimate'] / mib:.0f} | {x['peak_rss'] / mib:.0f} | {x['ratio']:.2f} | "
                      f"{'yes' if x['kv_bytes'] == x['kv_estimate'] else 'no'} | {x['peak_rss_after_load'] / mib:.0f} |")
+    load = r.get("load")
+    if load:
+        extra = load["rss_after_load"] - load["rss_before"] - load["kv_bytes"]
+        lines += ["", f"Resident memory after loading `{load['model']}` (RSS after `LLM(...)` minus RSS right after "
+                      f"`import torch, turboinfer`, KV pool of {load['kv_bytes'] / mib:.1f} MiB taken out): "
+                      f"{extra / mib:.0f} MiB = **{load['load_rss_ratio']:.2f}x** the {load['file_bytes'] / mib:.1f} MiB "
+                      f"file; anonymous memory alone {load['load_anon_ratio']:.2f}x (the rest, "
+                      f"{load['file_backed_increase'] / mib:.1f} MiB, is shared-library code run for the first time "
+                      f"while loading; no model file stays mapped). Peak during loading: +{load['peak_increase'] / mib:.0f} "
+                      f"MiB; load time {load['load_seconds']:.1f} s. Breakdown: docs/memory.md."]
     return "\n".join(lines)
 
 
-RENDERERS = {"memory_cpu": render_memory_cpu, "cpu_default_model": render_cpu_default_model, "bench_latency": render_bench_latency,
+def render_quant_quality_cpu(r: dict) -> str:
+    names = {"float32": "float32", "int8": "int8 (per channel)", "int4": "int4 round-to-nearest",
+             "awq": "int4 AWQ", "gptq": "int4 GPTQ"}
+    lines = ["## Quantization quality", "", f"Model `{r['model']}`, float weights: {r['float_source']}; perplexity "
+             f"over the first {r['text_tokens']} tokens of `{r['text']}`, {r['threads']} thread{'s' if r['threads'] > 1 else ''}. "
+             f"AWQ and GPTQ calibrate on the built-in text ({r['calibration_tokens']} tokens). " + _machine(r),
+             f"Command: `{r['command']}`.", "",
+             "| weights | group size | perplexity | vs float | relative logit error | quantize s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        groups = str(x.get("group_size", "-"))
+        fallback = [f"{g} on {k}-wide layers" for k, g in x.get("layer_group_sizes", {}).items()
+                    if g != x["group_size"]]
+        if fallback:
+            groups += f" ({', '.join(fallback)})"
+        lines.append(f"| {names.get(x['method'], x['method'])} | {groups} | {x['perplexity']:.3f} | "
+                     f"{x['vs_float_pct']:+.1f}% | {x['rel_logit_error']:.3f} | {x['quantize_s']:.1f} |")
+    if r["float_source"].startswith("GGUF"):
+        lines += ["", "The float weights were themselves 4-bit with groups of 32 (the GGUF), so int4 at group 32 "
+                      "lands back on that grid exactly: its row is no test of the method. Groups of 64 and 128 are."]
+    return "\n".join(lines)
+
+
+RENDERERS = {"memory_cpu": render_memory_cpu, "quant_quality_cpu": render_quant_quality_cpu,
+             "cpu_default_model": render_cpu_default_model, "bench_latency": render_bench_latency,
              "bench_throughput": render_bench_throughput, "bench_serve": render_bench_serve}
 
 
