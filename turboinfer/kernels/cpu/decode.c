@@ -367,7 +367,7 @@ static void q8_logits(Team *team, const float *x, int M, int H, int V, const int
         }
     }
 #else
-    (void)xq, (void)dx;
+    (void)xq, (void)dx, (void)ngroups;
     span(team, nchunks * M, &lo, &hi);
     for (int t = lo; t < hi; t++) {
         int r0 = (t % nchunks) * LOGIT_ROWS, m = t / nchunks;
@@ -442,24 +442,17 @@ static inline void axpy(float a, const float *x, int d, float *y) {
     for (; i < d; i++) y[i] += a * x[i];
 }
 
-/* The G query heads that share one KV head, over tokens [t0, t1) of a sequence (a split of its context): each K
- * and V row is read and converted once for all G heads. Writes, per head, the unnormalised output, the running
- * max and the sum of exponentials (Flash-Decoding's partials), as part[g * (d + 2) + {0..d-1, d, d+1}]. */
-static void attend_split(const float *q, int G, const KVView *kv, const int64_t *block_table, int block_size,
-                         int t0, int t1, int d, float scale, float *scores, float *part) {
-    float row[MAX_HEAD_DIM];
-    int n = t1 - t0;
+/* Partials of an empty split: zero output, max -inf, sum 0 (merge_splits skips it). */
+static void clear_parts(float *part, int G, int d) {
     for (int g = 0; g < G; g++) {
         memset(part + (size_t)g * (d + 2), 0, sizeof(float) * d);
         part[(size_t)g * (d + 2) + d] = -INFINITY;
         part[(size_t)g * (d + 2) + d + 1] = 0.f;
     }
-    if (n <= 0) return;
-    for (int t = t0; t < t1; t++) {
-        size_t r = (size_t)block_table[t / block_size] * block_size + t % block_size;
-        load_row(kv, kv->k, kv->k_scale, r, d, row);
-        for (int g = 0; g < G; g++) scores[(size_t)g * n + (t - t0)] = dot(q + (size_t)g * d, row, d) * scale;
-    }
+}
+
+/* Scores [G, n] -> exp(score - max) in place; each head's max and sum of exponentials into its partials. */
+static void softmax_parts(float *scores, int G, int n, float *part, int d) {
     for (int g = 0; g < G; g++) {
         float *sc = scores + (size_t)g * n, mx = -INFINITY, sum = 0;
         for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
@@ -480,6 +473,23 @@ static void attend_split(const float *q, int G, const KVView *kv, const int64_t 
         part[(size_t)g * (d + 2) + d] = mx;
         part[(size_t)g * (d + 2) + d + 1] = sum;
     }
+}
+
+/* The G query heads that share one KV head, over tokens [t0, t1) of a sequence (a split of its context): each K
+ * and V row is read and converted once for all G heads. Writes, per head, the unnormalised output, the running
+ * max and the sum of exponentials (Flash-Decoding's partials), as part[g * (d + 2) + {0..d-1, d, d+1}]. */
+static void attend_split(const float *q, int G, const KVView *kv, const int64_t *block_table, int block_size,
+                         int t0, int t1, int d, float scale, float *scores, float *part) {
+    float row[MAX_HEAD_DIM];
+    int n = t1 - t0;
+    clear_parts(part, G, d);
+    if (n <= 0) return;
+    for (int t = t0; t < t1; t++) {
+        size_t r = (size_t)block_table[t / block_size] * block_size + t % block_size;
+        load_row(kv, kv->k, kv->k_scale, r, d, row);
+        for (int g = 0; g < G; g++) scores[(size_t)g * n + (t - t0)] = dot(q + (size_t)g * d, row, d) * scale;
+    }
+    softmax_parts(scores, G, n, part, d);
     for (int t = t0; t < t1; t++) {
         size_t r = (size_t)block_table[t / block_size] * block_size + t % block_size;
         load_row(kv, kv->v, kv->v_scale, r, d, row);
@@ -512,11 +522,7 @@ static inline __attribute__((always_inline)) void attend_tile(const int D16, con
     const int d = 16 * D16, HC = D16 <= 4 ? 4 : 2;  /* heads per pass over V: HC * D16 accumulators <= 16 */
     float tile[16 * MAX_HEAD_DIM] __attribute__((aligned(64)));
     int n = t1 - t0;
-    for (int g = 0; g < G; g++) {
-        memset(part + (size_t)g * (d + 2), 0, sizeof(float) * d);
-        part[(size_t)g * (d + 2) + d] = -INFINITY;
-        part[(size_t)g * (d + 2) + d + 1] = 0.f;
-    }
+    clear_parts(part, G, d);
     if (n <= 0) return;
     for (int tb = t0; tb < t1; tb += 16) {
         int nt = t1 - tb < 16 ? t1 - tb : 16;
@@ -536,24 +542,7 @@ static inline __attribute__((always_inline)) void attend_tile(const int D16, con
             _mm512_mask_storeu_ps(scores + (size_t)g * n + (tb - t0), (__mmask16)((1u << nt) - 1), reduce16(acc));
         }
     }
-    for (int g = 0; g < G; g++) {
-        float *sc = scores + (size_t)g * n, mx = -INFINITY;
-        for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
-        __m512 sv = _mm512_setzero_ps();
-        int t = 0;
-        for (; t + 16 <= n; t += 16) {
-            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), _mm512_set1_ps(mx)));
-            _mm512_storeu_ps(sc + t, e);
-            sv = _mm512_add_ps(sv, e);
-        }
-        float sum = _mm512_reduce_add_ps(sv);
-        for (; t < n; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
-        }
-        part[(size_t)g * (d + 2) + d] = mx;
-        part[(size_t)g * (d + 2) + d + 1] = sum;
-    }
+    softmax_parts(scores, G, n, part, d);
     for (int g0 = 0; g0 < G; g0 += HC) {
         __m512 o[4][8];
         for (int gi = 0; gi < HC; gi++)
