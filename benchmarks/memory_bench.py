@@ -89,7 +89,8 @@ w = llm.engine.worker
 print(json.dumps({"rss_before": rss0, "rss_after_load": rss1, "anon_increase": anon1 - anon0,
                   "file_backed_increase": file1 - file0, "peak_rss_during_load": peak, "peak_increase": peak - rss0,
                   "kv_bytes": llm.engine.runner.kv_cache_bytes(), "weight_bytes": model_weight_bytes(w.runner.model),
-                  "file_bytes": os.path.getsize(w.resolved.path), "load_seconds": w.load_seconds}))
+                  "file_bytes": os.path.getsize(w.resolved.path), "load_seconds": w.load_seconds,
+                  "model_file_mapped": any(os.path.realpath(w.resolved.path) in l for l in open('/proc/self/maps'))}))
 """
 
 

@@ -19,11 +19,12 @@ def test_load_rss_within_bar(default_model_path):
     finally:
         sys.path.remove(BENCHMARKS)
     r = measure_load(default_model_path)
-    # The bar: the model's own memory (anonymous pages: weights, tokenizer, runtime tables, allocator slack) is at
-    # most 1.3x the file on top of the KV pool. Pages of shared libraries (torch, tokenizers) that loading runs for
-    # the first time are not the model; counted too, the total stays within 1.4x (1.36 measured).
+    # The model's own memory (anonymous pages: weights, tokenizer, runtime tables, allocator slack) is at most 1.3x
+    # the file on top of the KV pool, and no page of the model file stays mapped. The rest of the RSS growth is
+    # shared-library code (torch, tokenizers) run for the first time while loading: 15 MiB in one virtualenv, 33 MiB
+    # in a fresh one on the same machine, so it is reported (BENCHMARKS.md), not asserted.
     assert r["load_anon_ratio"] <= 1.3, r
-    assert r["load_rss_ratio"] <= 1.4, r
+    assert not r["model_file_mapped"], r
     # Loading converts one layer at a time: the peak above the baseline was 5-6x the file when every layer's
     # unpacked codes waited for the end (and GGUFReader's objects were alive); it is 1.6-2.9x now, depending on
     # how the heap happens to be laid out (it varies with the hash seed).
