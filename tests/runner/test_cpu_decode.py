@@ -42,6 +42,8 @@ class DenseTwin(Int4CPUMethod):
     def __init__(self, src: Int4CPUMethod) -> None:
         self.__dict__.update(src.__dict__)
         self.dense = unpack_int4(src)
+        if src.input_scale is not None:  # AWQ: (x * s) W^T = x (W * s)^T
+            self.dense = self.dense * src.input_scale.float()
 
     def apply(self, layer, x):
         bias = None if layer.bias is None else layer.bias.float()
@@ -76,6 +78,17 @@ def test_c_step_equals_float32_reference(tiny):
     llm = load(tiny, "float32")
     dec = llm.engine.runner.cpu_decoder
     assert dec is not None, cpu_decode.accepts(llm.engine.runner.model, torch.float32, torch.float32)
+    ref_tokens, ref_lps = run(llm, False, dec)
+    tokens, lps = run(llm, True, dec)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(lps, ref_lps, rtol=0, atol=2e-4)
+
+
+def test_c_step_with_awq_input_scales(tiny):
+    llm = load(tiny, "float32", awq=True)
+    dec = llm.engine.runner.cpu_decoder
+    assert dec is not None
+    assert llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.input_scale is not None
     ref_tokens, ref_lps = run(llm, False, dec)
     tokens, lps = run(llm, True, dec)
     assert tokens == ref_tokens

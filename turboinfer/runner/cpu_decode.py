@@ -5,7 +5,7 @@ step is dominated by ~1,600 small PyTorch ops rather than by reading the weights
 The C step reads the very tensors the PyTorch path uses (packed int4 weights, the Q8_0 embedding, the paged KV
 cache), so turning it on costs no memory, and both paths can serve the same requests: prefill and large batches
 stay on PyTorch, decode steps of up to MAX_BATCH sequences come here. `accepts()` says when a model qualifies;
-anything else (an fp8 KV cache, AWQ input scales, q/k norms, another activation) keeps the PyTorch path."""
+anything else (an fp8 KV cache, q/k norms, another activation) keeps the PyTorch path."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "
         "bf16", "has_bias", "logits", "max_seq", "kv_kind")
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
-              "k_cache", "v_cache", "k_scale", "v_scale")
+              "k_cache", "v_cache", "k_scale", "v_scale", "qkv_is", "o_is", "gu_is", "down_is")
 
 
 def _int4pack_layout_ok() -> bool:
@@ -52,7 +52,7 @@ def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -
     for layer in layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             qm = lin.quant_method
-            if not isinstance(qm, Int4CPUMethod) or qm.input_scale is not None or qm.out_features % 64:
+            if not isinstance(qm, Int4CPUMethod) or qm.out_features % 64:
                 return "linear layers are not plain packed int4"
             if lin is not layer.self_attn.qkv_proj and lin.bias is not None:
                 return "bias outside q/k/v"
@@ -82,21 +82,26 @@ class CPUDecoder:
         self.fparams = torch.tensor([arch.rms_norm_eps, attn0.attn.scale], dtype=torch.float32)
         self.vocab = arch.vocab_size
         ptrs: list[int] = []
+        self._keep: list[torch.Tensor] = []  # tensors made here whose pointers the C step holds
         for layer in layers:
             at, mlp = layer.self_attn, layer.mlp
             named = dict(in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                          qkv_b=at.qkv_proj.bias, k_cache=at.attn.k_cache, v_cache=at.attn.v_cache,
                          k_scale=at.attn.k_scale, v_scale=at.attn.v_scale)
             for key, lin in (("qkv", at.qkv_proj), ("o", at.o_proj), ("gu", mlp.gate_up_proj), ("down", mlp.down_proj)):
-                named[f"{key}_w"], named[f"{key}_s"] = lin.quant_method.packed, lin.quant_method.scales_zeros
+                qm = lin.quant_method
+                named[f"{key}_w"], named[f"{key}_s"], named[f"{key}_is"] = qm.packed, qm.scales_zeros, qm.input_scale
             for name in LAYER_PTRS:
                 t = named[name]
+                if t is not None and name.endswith("_is") and t.dtype != torch.float32:
+                    t = t.float()  # the C step reads float32 input scales
+                    self._keep.append(t)
                 if t is not None and not t.is_contiguous():
                     raise ValueError(f"{name} is not contiguous")
                 ptrs.append(0 if t is None else t.data_ptr())
         rot = attn0.rotary
-        self._keep = [rot.cos.contiguous(), rot.sin.contiguous()]
-        ptrs += [model.model.norm.weight.data_ptr(), self._keep[0].data_ptr(), self._keep[1].data_ptr(),
+        self._keep += [rot.cos.contiguous(), rot.sin.contiguous()]
+        ptrs += [model.model.norm.weight.data_ptr(), self._keep[-2].data_ptr(), self._keep[-1].data_ptr(),
                  emb.codes.data_ptr() if self.tied_q8 else 0, emb.group_scales.data_ptr() if self.tied_q8 else 0]
         self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.work = torch.empty(0)

@@ -33,7 +33,8 @@ enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_
        D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_KV_KIND, D_NUM_DIMS };
 enum { KV_F32, KV_BF16, KV_INT8 };
 enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, P_GU_S, P_DOWN_W, P_DOWN_S,
-       P_K_CACHE, P_V_CACHE, P_K_SCALE, P_V_SCALE, P_PER_LAYER };
+       P_K_CACHE, P_V_CACHE, P_K_SCALE, P_V_SCALE, P_QKV_IS, P_O_IS, P_GU_IS, P_DOWN_IS, P_PER_LAYER };
+/* P_*_IS: AWQ input scales [K] float32 of that layer, or NULL: the layer computes (x * s) W^T */
 enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_NUM };
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -286,10 +287,18 @@ static void q4_block(const float *x, int ldx, const float *xsum, int ldxs, int m
 #endif
 }
 
-/* Called by every thread of the team: row-blocks are split across threads, then all wait. */
+/* Called by every thread of the team: row-blocks are split across threads, then all wait. With in_scale, x is
+ * first scaled per input feature into xs. */
 static void q4_matmul(Team *team, const float *x, int M, int K, int N, int group, const uint8_t *w,
-                      const uint16_t *sz, const void *bias, int bias_bf16, float *y, float *xsum) {
+                      const uint16_t *sz, const void *bias, int bias_bf16, const float *in_scale, float *xs,
+                      float *y, float *xsum) {
     int lo, hi;
+    if (in_scale) {
+        span(team, M * K, &lo, &hi);
+        for (int i = lo; i < hi; i++) xs[i] = x[i] * in_scale[i % K];
+        barrier(team);
+        x = xs;
+    }
     span(team, M * (K / group), &lo, &hi);
     for (int i = lo; i < hi; i++) {
         int m = i / (K / group), g = i % (K / group);
@@ -620,7 +629,7 @@ size_t ti_workspace_floats(const int64_t *dims, int M, int nthreads) {
     int64_t big = qkv > 2 * I ? qkv : 2 * I;
     int64_t kmax = H > I ? H : I;
     kmax = kmax > nh * hd ? kmax : nh * hd;
-    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 32 + 1) + M * nh * MAX_SPLITS * (hd + 2) +
+    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 32 + 1 + kmax) + M * nh * MAX_SPLITS * (hd + 2) +
                     nthreads * (nh / nkv) * dims[D_MAX_SEQ] + 64);
 }
 
@@ -628,7 +637,7 @@ size_t ti_workspace_floats(const int64_t *dims, int M, int nthreads) {
 typedef struct {
     const int64_t *dims, *positions, *seq_lens, *block_tables;
     void *const *ptrs;
-    float *x, *logits, *res, *xn, *buf, *ao, *act, *xsum, *parts, *scores;
+    float *x, *logits, *res, *xn, *buf, *ao, *act, *xsum, *xs, *parts, *scores;
     float eps, scale;
     int M, bt_stride, nsplit;
 } Step;
@@ -658,7 +667,7 @@ static void step_body(void *arg, Team *team) {
             rms_norm(rm, p[P_IN_NORM], bf16, H, c->eps, xn + (size_t)m * H);
         }
         barrier(team);
-        q4_matmul(team, xn, M, H, qkv_n, group, p[P_QKV_W], p[P_QKV_S], p[P_QKV_B], bf16, buf, xsum);
+        q4_matmul(team, xn, M, H, qkv_n, group, p[P_QKV_W], p[P_QKV_S], p[P_QKV_B], bf16, p[P_QKV_IS], c->xs, buf, xsum);
         /* RoPE on q and k heads, then the new K/V into the cache */
         span(team, M * (nh + nkv), &lo, &hi);
         for (int i = lo; i < hi; i++) {
@@ -698,18 +707,18 @@ static void step_body(void *arg, Team *team) {
                          part_stride, hd, ao + (size_t)m * nh * hd + (size_t)h * hd);
         }
         barrier(team);
-        q4_matmul(team, ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, x, xsum);
+        q4_matmul(team, ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, p[P_O_IS], c->xs, x, xsum);
         for (int m = 0; m < M && tid == 0; m++) {
             float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
             for (int i = 0; i < H; i++) rm[i] += xm[i];
             rms_norm(rm, p[P_POST_NORM], bf16, H, c->eps, xn + (size_t)m * H);
         }
         barrier(team);
-        q4_matmul(team, xn, M, H, 2 * I, group, p[P_GU_W], p[P_GU_S], NULL, 0, buf, xsum);
+        q4_matmul(team, xn, M, H, 2 * I, group, p[P_GU_W], p[P_GU_S], NULL, 0, p[P_GU_IS], c->xs, buf, xsum);
         span(team, M, &lo, &hi);
         for (int m = lo; m < hi; m++) silu_mul(buf + (size_t)m * 2 * I, I, act + (size_t)m * I);
         barrier(team);
-        q4_matmul(team, act, M, I, H, group, p[P_DOWN_W], p[P_DOWN_S], NULL, 0, x, xsum);
+        q4_matmul(team, act, M, I, H, group, p[P_DOWN_W], p[P_DOWN_S], NULL, 0, p[P_DOWN_IS], c->xs, x, xsum);
     }
     for (int m = 0; m < M && tid == 0; m++) {
         float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
@@ -731,14 +740,15 @@ int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs,
     for (int m = 0; m < M; m++)
         if (positions[m] + 1 != seq_lens[m] || seq_lens[m] > dims[D_MAX_SEQ]) return -1;
     Step c = {dims, positions, seq_lens, block_tables, ptrs, x, logits, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-              NULL, fparams[0], fparams[1], M, bt_stride, 0};
+              NULL, NULL, fparams[0], fparams[1], M, bt_stride, 0};
     c.res = work;
     c.xn = c.res + (size_t)M * H;
     c.buf = c.xn + (size_t)M * H;  /* q|k|v, then gate|up */
     c.ao = c.buf + (size_t)M * big;
     c.act = c.ao + (size_t)M * nh * hd;
     c.xsum = c.act + (size_t)M * I;
-    c.parts = c.xsum + (size_t)M * (kmax / 32 + 1);  /* [M, nkv, nsplit, G, hd + 2] attention partials */
+    c.xs = c.xsum + (size_t)M * (kmax / 32 + 1);  /* x times a layer's AWQ input scales */
+    c.parts = c.xs + (size_t)M * kmax;  /* [M, nkv, nsplit, G, hd + 2] attention partials */
     c.scores = c.parts + (size_t)M * nh * MAX_SPLITS * (hd + 2);
     /* Split each sequence's context so that there are a few attention tasks per thread even for one sequence. */
     c.nsplit = (4 * nthreads + M * nkv - 1) / (M * nkv);
