@@ -23,7 +23,8 @@ import torch
 
 from turboinfer.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from turboinfer.loader.gguf_dequant import BLOCK_SIZES, dequantize, type_name
-from turboinfer.loader.gguf_parse import ArrayRef, GGUFHeader, TensorInfo, read_array, read_header, read_tensor
+from turboinfer.loader.gguf_parse import GGUFHeader, TensorInfo, read_array, read_header, read_tensor
+from turboinfer.memory.gguf_header import LongArray
 
 # GGUF general.architecture -> (HF class, HF model_type, q/k rows permuted by the converter).
 # llama.cpp's converter permutes q/k only in its LlamaModel class (which also converts Mistral checkpoints);
@@ -134,7 +135,7 @@ class GGUFFile:
     @property
     def metadata(self) -> dict[str, Any]:
         """Every key/value of the file as plain Python values (str, int, float, bool, lists of those), except
-        arrays of over a thousand values (the tokenizer's), which are `ArrayRef`s: `tokenizer_metadata` reads
+        arrays of over a thousand values (the tokenizer's), which are `LongArray`s: `tokenizer_metadata` reads
         them."""
         return self._header.metadata
 
@@ -145,7 +146,7 @@ class GGUFFile:
     def tokenizer_metadata(self) -> dict[str, Any]:
         """The `tokenizer.*` keys with every value read (vocabulary and merges are decoded on each call, so
         they are held only while the caller builds its tokenizer)."""
-        return {k: read_array(self.path, v) if isinstance(v, ArrayRef) else v
+        return {k: read_array(self.path, v) if isinstance(v, LongArray) else v
                 for k, v in self.metadata.items() if k.startswith("tokenizer.")}
 
     def _arch_entry(self) -> tuple[str, str, bool]:

@@ -28,9 +28,12 @@ FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  # ggml types that are plain floa
 
 @dataclass(frozen=True)
 class LongArray:
-    """A metadata array not read into memory (e.g. tokenizer.ggml.tokens)."""
+    """A metadata array not read into memory (e.g. tokenizer.ggml.tokens); the loader decodes it from `offset`
+    when the tokenizer is built (loader/gguf_parse.read_array)."""
 
     count: int
+    etype: int  # GGUF value type of the elements
+    offset: int  # absolute byte offset of the first element
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class _Cursor:
         etype, count = self.take("<I"), self.take("<Q")
         if count <= _KEEP_ARRAY:
             return [self.value(etype) for _ in range(count)]
+        start = self.pos
         if etype in _SCALARS:
             self.pos += count * struct.calcsize(_SCALARS[etype])
         elif etype == _STRING:
@@ -115,14 +119,17 @@ class _Cursor:
                 self.value(etype)
         if self.pos > len(self.buf):
             raise ModelLoadError(f"{self.path}: GGUF header is truncated")
-        return LongArray(count)
+        return LongArray(count, etype, start)
 
 
-def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+def read_gguf_header(path: str | os.PathLike, block_size=None) -> GGUFHeader:
+    """`block_size(ggml_type) -> (weights, bytes) | None` overrides the `gguf` package's table (the loader passes
+    its own, which imports `gguf` only for types it cannot load)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"GGUF file {path} does not exist")
-    sizes = _quant_sizes()
+    if block_size is None:
+        block_size = _quant_sizes().get
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
@@ -146,9 +153,9 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                 name = c.string()
                 dims = [c.take("<Q") for _ in range(c.take("<I"))]
                 ggml_type, offset = c.take("<I"), c.take("<Q")
-                if ggml_type not in sizes:
+                if (sizes := block_size(ggml_type)) is None:
                     raise UnsupportedModelError(f"{path}: tensor {name} has unknown ggml type {ggml_type}")
-                block, type_size = sizes[ggml_type]
+                block, type_size = sizes
                 numel = math.prod(dims)
                 tensors.append(GGUFTensor(name, tuple(reversed(dims)), ggml_type, offset,
                                           numel // block * type_size))
