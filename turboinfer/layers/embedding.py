@@ -26,13 +26,13 @@ class PackedQ8_0:
 
 
 def decompose_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (codes int8 [K // 32, N, 32], d float32 [K // 32, N]) exactly as stored, regrouped so that each group of
+    """-> (codes int8 [K // 32, N, 32], d float16 [K // 32, N]) exactly as stored, regrouped so that each group of
     32 input features is one contiguous [N, 32] matrix (what the int8 kernel reads). The codes are copied once,
     straight from the blocks: the table is the largest tensor of a small model, so no intermediate copy."""
     n, k = shape
     # torch needs a writable array: the loader's fresh bytes are used as they are, a read-only map is copied
     blocks = torch.from_numpy(np.require(raw, np.uint8, ["C", "W"])).reshape(n, k // GROUP, 34).transpose(0, 1)
-    d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+    d = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
     return blocks[..., 2:].contiguous().view(torch.int8), d
 
 
@@ -41,8 +41,9 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
         self.codes: torch.Tensor | None = None  # [K // 32, N, 32] int8: each group's codes contiguous
-        self.group_scales: torch.Tensor | None = None  # [K // 32, N] float32, exact: used by lookups
-        self.group_scales_bf16: torch.Tensor | None = None  # the same in bf16, as the int8 kernel wants
+        # [K // 32, N] float16: the file's own scales, exact (lookups and the C decode step read them; the int8
+        # kernel gets one group's in bf16 at a time, so no second copy of all of them is kept)
+        self.group_scales: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         if isinstance(loaded, PackedQ8_0):
@@ -60,7 +61,6 @@ class VocabEmbedding(nn.Module):
         dev = self.weight.device
         self.codes = codes.to(dev)
         self.group_scales = d.to(dev)
-        self.group_scales_bf16 = self.group_scales.to(torch.bfloat16)
         self.weight = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
 
     @property
@@ -70,7 +70,7 @@ class VocabEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.codes is None:
             return F.embedding(ids, self.weight)
-        rows = self.codes[:, ids].float() * self.group_scales[:, ids, None]  # [K // 32, T, 32]
+        rows = self.codes[:, ids].float() * self.group_scales[:, ids, None].float()  # [K // 32, T, 32]
         return rows.permute(1, 0, 2).reshape(ids.shape[0], -1).to(dtype or torch.float32)
 
     def as_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,6 @@ class VocabEmbedding(nn.Module):
         out = None
         for g in range(self.codes.shape[0]):
             part = torch.ops.aten._weight_int8pack_mm(x[:, g * GROUP:(g + 1) * GROUP], self.codes[g],
-                                                      self.group_scales_bf16[g])
+                                                      self.group_scales[g].to(torch.bfloat16))
             out = part.float() if out is None else out.add_(part)
         return out

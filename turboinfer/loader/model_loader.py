@@ -65,9 +65,11 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
-    """GGUF parameters by HF name. With keep_packed, 4-bit linear weights come as Q4Weight (packed matmul);
-    everything else, and embeddings always, is dequantized to float32."""
+    """GGUF parameters by HF name. With keep_packed, linear weights stay quantized: 4-bit types as Q4Weight (packed
+    int4 matmul), Q8_0 / Q5_K / Q6_K as GroupedInt8Weight (int8 codes), a Q8_0 embedding as its blocks; everything
+    else is dequantized to float32."""
     from turboinfer.layers.embedding import Q8_0, PackedQ8_0
+    from turboinfer.layers.quantization.grouped_int8 import GROUPED_INT8_TYPES, decompose_grouped_int8
     from turboinfer.layers.quantization.q4 import Q4_TYPES, decompose_q4
     from turboinfer.loader.gguf_file import GGUFFile
 
@@ -78,8 +80,11 @@ def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
     f.check_mapped()
     for name in f.tensor_names():
         qtype, raw, shape = f.raw_tensor(name)
-        if qtype in Q4_TYPES and name.endswith("proj.weight") and len(shape) == 2:
+        linear = (name.endswith("proj.weight") or name == "lm_head.weight") and len(shape) == 2
+        if qtype in Q4_TYPES and linear:
             yield name, decompose_q4(qtype, raw, shape)
+        elif qtype in GROUPED_INT8_TYPES and linear:
+            yield name, decompose_grouped_int8(qtype, raw, shape)
         elif qtype == Q8_0 and name == "model.embed_tokens.weight":
             yield name, PackedQ8_0(raw, shape)
         else:

@@ -1,6 +1,7 @@
-"""The CPU decode step in one C call (kernels/cpu/decode.c) for Llama-family models whose linear layers run
-torch's packed int4 kernel — GGUF Q4_0/Q4_1/Q4_K checkpoints and `--quantization int4` — which is where a batch-1
-step is dominated by ~1,600 small PyTorch ops rather than by reading the weights.
+"""The CPU decode step in one C call (kernels/cpu/decode.c) for Llama-family models whose linear layers are kept
+quantized — torch's packed int4 (GGUF Q4_0/Q4_1/Q4_K, `--quantization int4`) or group-wise int8 codes (GGUF Q8_0,
+Q5_K, Q6_K), mixed freely between layers — which is where a batch-1 step is dominated by ~1,600 small PyTorch ops
+rather than by reading the weights.
 
 The C step reads the very tensors the PyTorch path uses (packed int4 weights, the Q8_0 embedding, the paged KV
 cache), so turning it on costs no memory, and both paths can serve the same requests: prefill and large batches
@@ -20,11 +21,13 @@ log = logging.getLogger("turboinfer")
 
 MAX_BATCH = 64  # decode batches up to this size (measured faster than the PyTorch path up to 64 on 2 cores)
 # Index names shared with decode.c (its D_* and P_* enums)
-DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size", "group", "window",
+DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size", "window",
         "bf16", "has_bias", "logits", "max_seq", "kv_kind")
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
-              "k_cache", "v_cache", "k_scale", "v_scale", "qkv_is", "o_is", "gu_is", "down_is")
+              "k_cache", "v_cache", "k_scale", "v_scale", "qkv_is", "o_is", "gu_is", "down_is",
+              "qkv_z", "o_z", "gu_z", "down_z", "lin_meta")
+LIN_INT4, LIN_INT8 = 0, 1  # decode.c's LIN_* formats
 
 
 def _int4pack_layout_ok() -> bool:
@@ -38,6 +41,7 @@ def _int4pack_layout_ok() -> bool:
 
 def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -> str | None:
     """None when the C step can run this model, else the reason it cannot."""
+    from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
     from turboinfer.layers.quantization.q4 import Int4CPUMethod
 
     arch = getattr(model, "arch", None)
@@ -48,18 +52,19 @@ def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -
         return f"activations {dtype} / KV cache {kv_dtype} (needs float32 or bfloat16; KV the same or int8)"
     if arch.hidden_act != "silu" or arch.qk_norm or arch.head_dim % 2 or arch.head_dim > 256:
         return "activation, q/k norm or head size not supported"
-    groups = set()
+    any_int4 = False
     for layer in layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             qm = lin.quant_method
-            if not isinstance(qm, Int4CPUMethod) or qm.out_features % 64:
-                return "linear layers are not plain packed int4"
+            if isinstance(qm, Int4CPUMethod):
+                if qm.out_features % 64:
+                    return "an int4 layer's width is not a multiple of 64"
+                any_int4 = True
+            elif not isinstance(qm, GroupedInt8CPUMethod):
+                return "linear layers are not all packed int4 or group-wise int8"
             if lin is not layer.self_attn.qkv_proj and lin.bias is not None:
                 return "bias outside q/k/v"
-            groups.add(qm.group_size)
-    if len(groups) != 1:
-        return "int4 group sizes differ between layers"
-    if not _int4pack_layout_ok():
+    if any_int4 and not _int4pack_layout_ok():
         return "this torch build packs int4 differently"
     return None
 
@@ -75,7 +80,7 @@ class CPUDecoder:
         attn0 = layers[0].self_attn
         d = dict(layers=len(layers), hidden=arch.hidden_size, heads=arch.num_heads, kv_heads=arch.num_kv_heads,
                  head_dim=arch.head_dim, inter=arch.intermediate_size, vocab=arch.vocab_size, block_size=block_size,
-                 group=attn0.qkv_proj.quant_method.group_size, window=arch.sliding_window or 0,
+                 window=arch.sliding_window or 0,
                  bf16=int(dtype == torch.bfloat16), has_bias=int(attn0.qkv_proj.bias is not None),
                  logits=int(self.tied_q8), max_seq=max_seq_len, kv_kind=KV_KINDS[attn0.attn.k_cache.dtype])
         self.dims = torch.tensor([d[name] for name in DIMS], dtype=torch.int64)
@@ -88,9 +93,19 @@ class CPUDecoder:
             named = dict(in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                          qkv_b=at.qkv_proj.bias, k_cache=at.attn.k_cache, v_cache=at.attn.v_cache,
                          k_scale=at.attn.k_scale, v_scale=at.attn.v_scale)
+            meta = []
             for key, lin in (("qkv", at.qkv_proj), ("o", at.o_proj), ("gu", mlp.gate_up_proj), ("down", mlp.down_proj)):
                 qm = lin.quant_method
-                named[f"{key}_w"], named[f"{key}_s"], named[f"{key}_is"] = qm.packed, qm.scales_zeros, qm.input_scale
+                if hasattr(qm, "packed"):  # Int4CPUMethod
+                    named[f"{key}_w"], named[f"{key}_s"], named[f"{key}_is"] = qm.packed, qm.scales_zeros, qm.input_scale
+                    named[f"{key}_z"] = None
+                    meta += [LIN_INT4, qm.group_size]
+                else:  # GroupedInt8CPUMethod
+                    named[f"{key}_w"], named[f"{key}_s"], named[f"{key}_z"] = qm.w.q, qm.w.scale, qm.w.zero
+                    named[f"{key}_is"] = None
+                    meta += [LIN_INT8, qm.group_size]
+            named["lin_meta"] = torch.tensor(meta, dtype=torch.int32)
+            self._keep.append(named["lin_meta"])
             for name in LAYER_PTRS:
                 t = named[name]
                 if t is not None and name.endswith("_is") and t.dtype != torch.float32:

@@ -86,4 +86,24 @@ def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     lib.ti_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int]
+    lib.ti_int8_matmul.restype = ctypes.c_int
+    lib.ti_int8_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_int]
     return lib
+
+
+def grouped_int8_matmul(lib: ctypes.CDLL, x, w, nthreads: int):
+    """x [M, K] (any float dtype) times a GroupedInt8Weight's transpose -> [M, N] float32, on the library's threads."""
+    import torch
+
+    m, k = x.shape
+    n = w.shape[0]
+    x = x.float().contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    work = torch.empty(m * (k // 2 + k // 16 + 2) + 1, dtype=torch.float32)
+    rc = lib.ti_int8_matmul(x.data_ptr(), m, k, n, w.group_size, w.q.data_ptr(), w.scale.data_ptr(),
+                            None if w.zero is None else w.zero.data_ptr(), y.data_ptr(), work.data_ptr(), nthreads)
+    if rc != 0:
+        raise ValueError(f"int8 matmul: group {w.group_size} / in_features {k} not supported by the C kernel")
+    return y

@@ -10,7 +10,9 @@
  *   int4 weight [N, K] : bytes [N / 64, K, 32]; byte j of row-block b at input k holds output b*64 + j in its low
  *                        nibble and output b*64 + 32 + j in its high nibble (torch's int4pack for CPU);
  *                        scales [K / group, N, 2] bf16 (s, z8) with w = (q - 8) * s + z8.
- *   Q8_0 table [V, H]  : codes [H / 32, V, 32] int8, scales [H / 32, V] float32; w = code * scale.
+ *   int8 weight [N, K] : codes [N, K] int8 row-major, scales [N, K / group] float32, zeros the same or NULL;
+ *                        w = code * scale + zero, group 16 or 32 (GGUF Q8_0 / Q5_K / Q6_K, converted exactly).
+ *   Q8_0 table [V, H]  : codes [H / 32, V, 32] int8, scales [H / 32, V] float16; w = code * scale.
  *   KV cache           : [num_blocks, block_size, num_kv_heads, head_dim] in float32, bf16 or int8; int8 codes
  *                        carry float32 scales [num_blocks, block_size, num_kv_heads] (symmetric, per token and
  *                        head, as kernels/torch_ref/attention.py quantizes).
@@ -29,12 +31,15 @@
 #define cpu_relax() ((void)0)
 #endif
 
-enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_BLOCK_SIZE, D_GROUP,
+enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_BLOCK_SIZE,
        D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_KV_KIND, D_NUM_DIMS };
 enum { KV_F32, KV_BF16, KV_INT8 };
+enum { LIN_INT4, LIN_INT8 };  /* a linear layer's weight format (see Layouts) */
 enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, P_GU_S, P_DOWN_W, P_DOWN_S,
-       P_K_CACHE, P_V_CACHE, P_K_SCALE, P_V_SCALE, P_QKV_IS, P_O_IS, P_GU_IS, P_DOWN_IS, P_PER_LAYER };
-/* P_*_IS: AWQ input scales [K] float32 of that layer, or NULL: the layer computes (x * s) W^T */
+       P_K_CACHE, P_V_CACHE, P_K_SCALE, P_V_SCALE, P_QKV_IS, P_O_IS, P_GU_IS, P_DOWN_IS,
+       P_QKV_Z, P_O_Z, P_GU_Z, P_DOWN_Z, P_LIN_META, P_PER_LAYER };
+/* P_*_IS: AWQ input scales [K] float32 of that layer, or NULL: the layer computes (x * s) W^T (int4 only).
+ * P_*_Z: an int8 layer's zeros, or NULL. P_LIN_META: int32 [4][2], (format, group) of qkv, o, gate_up, down. */
 enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_NUM };
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -50,6 +55,26 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {  /* exact, subnormals included */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 static inline float load_w(const void *p, int i, int bf16) {
@@ -321,6 +346,137 @@ static void q4_matmul(Team *team, const float *x, int M, int K, int N, int group
     barrier(team);
 }
 
+/* ---------------------------------------------------------------- int8 matmul, group-wise scales and zeros */
+/* x is quantized to int16 per row as for the output projection below (|error| <= max|x| / 65534); each 32 codes of
+ * a weight row are one int16 multiply-add against it, giving 16 partial sums of which lanes 0-7 belong to the first
+ * 16 inputs and 8-15 to the next 16, so a vector of the one or two group scales turns them into float. Zeros add
+ * sum_g z_g xsum_g with float sums of x (exact). A task is a block of 16 weight rows for up to 4 rows of x, so each
+ * weight byte is read from memory once per 4 rows of x. */
+#define I8_ROWS 16
+
+static void i8_block(const int16_t *xq, const float *dx, const float *xsum, int mc, int K, int group,
+                     const int8_t *q, const float *scale, const float *zero, int n0, int n1, float *y, int ldy) {
+    const int ng = K / group;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *w = q + (size_t)n * K;
+        const float *sc = scale + (size_t)n * ng;
+        float sums[4] = {0, 0, 0, 0};
+#ifdef __AVX512BW__
+        __m512 acc[4];
+        for (int m = 0; m < 4; m++) acc[m] = _mm512_setzero_ps();
+        for (int c = 0; c < K / 32; c++) {
+            __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32 * c)));
+            __m512 sv = group == 32 ? _mm512_set1_ps(sc[c])
+                                    : _mm512_insertf32x8(_mm512_set1_ps(sc[2 * c]), _mm256_set1_ps(sc[2 * c + 1]), 1);
+            for (int m = 0; m < mc; m++) {
+                __m512i xv = _mm512_loadu_si512(xq + (size_t)m * K + 32 * c);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wv, xv)), sv, acc[m]);
+            }
+        }
+        for (int m = 0; m < mc; m++) sums[m] = _mm512_reduce_add_ps(acc[m]) * dx[m];
+#else
+        for (int g = 0; g < ng; g++) {
+            for (int m = 0; m < mc; m++) {
+                int32_t t = 0;
+                for (int k = g * group; k < (g + 1) * group; k++) t += (int32_t)w[k] * xq[(size_t)m * K + k];
+                sums[m] += (float)t * sc[g];
+            }
+        }
+        for (int m = 0; m < mc; m++) sums[m] *= dx[m];
+#endif
+        if (zero) {
+            const float *z = zero + (size_t)n * ng;
+            for (int m = 0; m < mc; m++) {
+                float t = 0;
+                for (int g = 0; g < ng; g++) t += z[g] * xsum[(size_t)m * ng + g];
+                sums[m] += t;
+            }
+        }
+        for (int m = 0; m < mc; m++) y[(size_t)m * ldy + n] = sums[m];
+    }
+}
+
+/* Called by every thread of the team. xq: [M, K] int16 scratch; dx: [M]; xsum: [M, K / group]. */
+static void i8_matmul(Team *team, const float *x, int M, int K, int N, int group, const int8_t *q, const float *scale,
+                      const float *zero, const void *bias, int bias_bf16, float *y, float *xsum, int16_t *xq,
+                      float *dx) {
+    int lo, hi;
+    const int ng = K / group;
+    span(team, M, &lo, &hi);
+    for (int m = lo; m < hi; m++) {
+        const float *xm = x + (size_t)m * K;
+        float amax = 0;
+        for (int i = 0; i < K; i++) amax = fabsf(xm[i]) > amax ? fabsf(xm[i]) : amax;
+        dx[m] = amax > 0 ? amax / 32767.f : 1.f;
+        for (int i = 0; i < K; i++) xq[(size_t)m * K + i] = (int16_t)lrintf(xm[i] / dx[m]);
+        if (zero)
+            for (int g = 0; g < ng; g++) {
+                float t = 0;
+                for (int k = g * group; k < (g + 1) * group; k++) t += xm[k];
+                xsum[(size_t)m * ng + g] = t;
+            }
+    }
+    barrier(team);
+    int nblocks = (N + I8_ROWS - 1) / I8_ROWS, mchunks = (M + 3) / 4;
+    span(team, nblocks * mchunks, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
+        int nb = t / mchunks, m0 = (t % mchunks) * 4, mc = M - m0 < 4 ? M - m0 : 4;
+        int n0 = nb * I8_ROWS, n1 = n0 + I8_ROWS < N ? n0 + I8_ROWS : N;
+        i8_block(xq + (size_t)m0 * K, dx + m0, xsum + (size_t)m0 * ng, mc, K, group, q, scale, zero, n0, n1,
+                 y + (size_t)m0 * N, N);
+        if (bias)
+            for (int m = m0; m < m0 + mc; m++)
+                for (int j = n0; j < n1; j++) y[(size_t)m * N + j] += load_w(bias, j, bias_bf16);
+    }
+    barrier(team);
+}
+
+/* One linear layer of the step, whichever its format. */
+typedef struct {
+    int kind, group;
+    const void *w, *s, *z, *is, *b;
+} Lin;
+
+typedef struct {
+    float *xs, *xsum, *dx;
+    int16_t *xq;
+} LinScratch;
+
+static void linear(Team *team, const Lin *l, const float *x, int M, int K, int N, int bias_bf16, const LinScratch *ws,
+                   float *y) {
+    if (l->kind == LIN_INT8)
+        i8_matmul(team, x, M, K, N, l->group, l->w, l->s, l->z, l->b, bias_bf16, y, ws->xsum, ws->xq, ws->dx);
+    else
+        q4_matmul(team, x, M, K, N, l->group, l->w, l->s, l->b, bias_bf16, l->is, ws->xs, y, ws->xsum);
+}
+
+/* Standalone entry for an int8 layer outside the step (prefill of a few tokens, models the step does not take).
+ * work: M * (K / 2 + K / 16 + 2) floats. */
+typedef struct {
+    Lin l;
+    const float *x;
+    int M, K, N;
+    float *y;
+    LinScratch ws;
+} LinCall;
+
+static void linear_body(void *arg, Team *team) {
+    const LinCall *c = arg;
+    linear(team, &c->l, c->x, c->M, c->K, c->N, 0, &c->ws, c->y);
+}
+
+int ti_int8_matmul(const float *x, int M, int K, int N, int group, const int8_t *q, const float *scale,
+                   const float *zero, float *y, float *work, int nthreads) {
+    if ((group != 16 && group != 32) || K % 32) return -1;
+    LinCall c = {{LIN_INT8, group, q, scale, zero, NULL, NULL}, x, M, K, N, y, {NULL, work, NULL, NULL}};
+    c.ws.dx = work + (size_t)M * (K / 16);
+    c.ws.xq = (int16_t *)(c.ws.dx + M + 1);
+    pthread_mutex_lock(&step_mu);
+    run_team(nthreads, linear_body, &c);
+    pthread_mutex_unlock(&step_mu);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- Q8_0 tied output projection */
 /* x is first quantized to int16 with one scale per row (|error| <= max|x| / 65534, finer than the bf16 rounding
  * the PyTorch path applies); then each (row, group of 32) is one int16 multiply-add of the codes, and the group
@@ -328,18 +484,18 @@ static void q4_matmul(Team *team, const float *x, int M, int K, int N, int group
  * registers while 512 contiguous bytes of each group's table stream in (prefetched four chunks ahead: 18
  * interleaved streams are more than the hardware prefetcher follows well). */
 #define LOGIT_ROWS 16
-static float q8_logit_row(const float *x, int H, int V, const int8_t *codes, const float *scales, int r) {
+static float q8_logit_row(const float *x, int H, int V, const int8_t *codes, const uint16_t *scales, int r) {
     float s = 0;
     for (int g = 0; g < H / 32; g++) {
         const int8_t *c = codes + ((size_t)g * V + r) * 32;
         float t = 0;
         for (int j = 0; j < 32; j++) t += c[j] * x[g * 32 + j];
-        s += t * scales[(size_t)g * V + r];
+        s += t * f16_to_f32(scales[(size_t)g * V + r]);
     }
     return s;
 }
 
-static void q8_logits(Team *team, const float *x, int M, int H, int V, const int8_t *codes, const float *scales,
+static void q8_logits(Team *team, const float *x, int M, int H, int V, const int8_t *codes, const uint16_t *scales,
                       float *out, int16_t *xq, float *dx) {
     int ngroups = H / 32, nchunks = V / LOGIT_ROWS, lo, hi;
 #ifdef __AVX512BW__
@@ -360,7 +516,8 @@ static void q8_logits(Team *team, const float *x, int M, int H, int V, const int
             __m512i x0 = _mm512_loadu_si512(xq + (size_t)m0 * H + g * 32);
             __m512i x1 = _mm512_loadu_si512(xq + (size_t)m1 * H + g * 32);
             const int8_t *c = codes + ((size_t)g * V + r0) * 32;
-            const float *d = scales + (size_t)g * V + r0;
+            float d[LOGIT_ROWS];
+            _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + (size_t)g * V + r0))));
             for (int l = 0; l < LOGIT_ROWS * 32; l += 64)  /* the same group's rows four chunks ahead */
                 _mm_prefetch((const char *)c + 4 * LOGIT_ROWS * 32 + l, _MM_HINT_T0);
             for (int r = 0; r < LOGIT_ROWS; r++) {
@@ -629,15 +786,17 @@ size_t ti_workspace_floats(const int64_t *dims, int M, int nthreads) {
     int64_t big = qkv > 2 * I ? qkv : 2 * I;
     int64_t kmax = H > I ? H : I;
     kmax = kmax > nh * hd ? kmax : nh * hd;
-    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 32 + 1 + kmax) + M * nh * MAX_SPLITS * (hd + 2) +
-                    nthreads * (nh / nkv) * dims[D_MAX_SEQ] + 64);
+    /* res, xn, buf, ao, act | xsum (groups of 16 or more) | dx | xs (AWQ) | xq (int16) | attention partials, scores */
+    return (size_t)(M * (2 * H + big + nh * hd + I + kmax / 16 + 2 + kmax + kmax / 2 + 1) +
+                    M * nh * MAX_SPLITS * (hd + 2) + nthreads * (nh / nkv) * dims[D_MAX_SEQ] + 64);
 }
 
 /* Everything a thread of the step needs; filled once by ti_decode_step. */
 typedef struct {
     const int64_t *dims, *positions, *seq_lens, *block_tables;
     void *const *ptrs;
-    float *x, *logits, *res, *xn, *buf, *ao, *act, *xsum, *xs, *parts, *scores;
+    float *x, *logits, *res, *xn, *buf, *ao, *act, *parts, *scores;
+    LinScratch ws;
     float eps, scale;
     int M, bt_stride, nsplit;
 } Step;
@@ -647,19 +806,24 @@ static void step_body(void *arg, Team *team) {
     const int64_t *dims = c->dims, *positions = c->positions, *seq_lens = c->seq_lens, *block_tables = c->block_tables;
     const int M = c->M, bt_stride = c->bt_stride, nsplit = c->nsplit;
     const int L = dims[D_LAYERS], H = dims[D_HIDDEN], nh = dims[D_HEADS], nkv = dims[D_KV_HEADS];
-    const int hd = dims[D_HEAD_DIM], I = dims[D_INTER], bs = dims[D_BLOCK_SIZE], group = dims[D_GROUP];
+    const int hd = dims[D_HEAD_DIM], I = dims[D_INTER], bs = dims[D_BLOCK_SIZE];
     const int window = dims[D_WINDOW], bf16 = dims[D_BF16], max_seq = dims[D_MAX_SEQ], kv_kind = dims[D_KV_KIND];
     const int qkv_n = (nh + 2 * nkv) * hd, gsize = nh / nkv, half = hd / 2;
     const size_t el = kv_kind == KV_INT8 ? 1 : kv_kind == KV_BF16 ? 2 : 4, row_bytes = (size_t)nkv * hd * el;
     const size_t part_stride = (size_t)gsize * (hd + 2);
     void *const *glob = c->ptrs + (size_t)L * P_PER_LAYER;
-    float *x = c->x, *res = c->res, *xn = c->xn, *buf = c->buf, *ao = c->ao, *act = c->act, *xsum = c->xsum;
+    float *x = c->x, *res = c->res, *xn = c->xn, *buf = c->buf, *ao = c->ao, *act = c->act;
     float *parts = c->parts, *my_scores = c->scores + (size_t)team->tid * gsize * max_seq;
     const int tid = team->tid;
     int lo, hi;
 
     for (int l = 0; l < L; l++) {
         void *const *p = c->ptrs + (size_t)l * P_PER_LAYER;
+        const int32_t *meta = p[P_LIN_META];
+        const Lin qkv = {meta[0], meta[1], p[P_QKV_W], p[P_QKV_S], p[P_QKV_Z], p[P_QKV_IS], p[P_QKV_B]};
+        const Lin o = {meta[2], meta[3], p[P_O_W], p[P_O_S], p[P_O_Z], p[P_O_IS], NULL};
+        const Lin gu = {meta[4], meta[5], p[P_GU_W], p[P_GU_S], p[P_GU_Z], p[P_GU_IS], NULL};
+        const Lin down = {meta[6], meta[7], p[P_DOWN_W], p[P_DOWN_S], p[P_DOWN_Z], p[P_DOWN_IS], NULL};
         for (int m = 0; m < M && tid == 0; m++) {
             float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
             if (l == 0) memcpy(rm, xm, sizeof(float) * H);
@@ -667,7 +831,7 @@ static void step_body(void *arg, Team *team) {
             rms_norm(rm, p[P_IN_NORM], bf16, H, c->eps, xn + (size_t)m * H);
         }
         barrier(team);
-        q4_matmul(team, xn, M, H, qkv_n, group, p[P_QKV_W], p[P_QKV_S], p[P_QKV_B], bf16, p[P_QKV_IS], c->xs, buf, xsum);
+        linear(team, &qkv, xn, M, H, qkv_n, bf16, &c->ws, buf);
         /* RoPE on q and k heads, then the new K/V into the cache */
         span(team, M * (nh + nkv), &lo, &hi);
         for (int i = lo; i < hi; i++) {
@@ -707,18 +871,18 @@ static void step_body(void *arg, Team *team) {
                          part_stride, hd, ao + (size_t)m * nh * hd + (size_t)h * hd);
         }
         barrier(team);
-        q4_matmul(team, ao, M, nh * hd, H, group, p[P_O_W], p[P_O_S], NULL, 0, p[P_O_IS], c->xs, x, xsum);
+        linear(team, &o, ao, M, nh * hd, H, 0, &c->ws, x);
         for (int m = 0; m < M && tid == 0; m++) {
             float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
             for (int i = 0; i < H; i++) rm[i] += xm[i];
             rms_norm(rm, p[P_POST_NORM], bf16, H, c->eps, xn + (size_t)m * H);
         }
         barrier(team);
-        q4_matmul(team, xn, M, H, 2 * I, group, p[P_GU_W], p[P_GU_S], NULL, 0, p[P_GU_IS], c->xs, buf, xsum);
+        linear(team, &gu, xn, M, H, 2 * I, 0, &c->ws, buf);
         span(team, M, &lo, &hi);
         for (int m = lo; m < hi; m++) silu_mul(buf + (size_t)m * 2 * I, I, act + (size_t)m * I);
         barrier(team);
-        q4_matmul(team, act, M, I, H, group, p[P_DOWN_W], p[P_DOWN_S], NULL, 0, p[P_DOWN_IS], c->xs, x, xsum);
+        linear(team, &down, act, M, I, H, 0, &c->ws, x);
     }
     for (int m = 0; m < M && tid == 0; m++) {
         float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
@@ -727,7 +891,7 @@ static void step_body(void *arg, Team *team) {
     }
     barrier(team);
     if (dims[D_LOGITS])
-        q8_logits(team, x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], c->logits, (int16_t *)ao, xsum);
+        q8_logits(team, x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], c->logits, c->ws.xq, c->ws.dx);
 }
 
 int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs, int M, float *x,
@@ -740,15 +904,17 @@ int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs,
     for (int m = 0; m < M; m++)
         if (positions[m] + 1 != seq_lens[m] || seq_lens[m] > dims[D_MAX_SEQ]) return -1;
     Step c = {dims, positions, seq_lens, block_tables, ptrs, x, logits, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-              NULL, NULL, fparams[0], fparams[1], M, bt_stride, 0};
+              {NULL, NULL, NULL, NULL}, fparams[0], fparams[1], M, bt_stride, 0};
     c.res = work;
     c.xn = c.res + (size_t)M * H;
     c.buf = c.xn + (size_t)M * H;  /* q|k|v, then gate|up */
     c.ao = c.buf + (size_t)M * big;
     c.act = c.ao + (size_t)M * nh * hd;
-    c.xsum = c.act + (size_t)M * I;
-    c.xs = c.xsum + (size_t)M * (kmax / 32 + 1);  /* x times a layer's AWQ input scales */
-    c.parts = c.xs + (size_t)M * kmax;  /* [M, nkv, nsplit, G, hd + 2] attention partials */
+    c.ws.xsum = c.act + (size_t)M * I;  /* sums of x per group */
+    c.ws.dx = c.ws.xsum + (size_t)M * (kmax / 16 + 1);  /* int16 scale of each row of x */
+    c.ws.xs = c.ws.dx + (size_t)M + 1;  /* x times a layer's AWQ input scales */
+    c.ws.xq = (int16_t *)(c.ws.xs + (size_t)M * kmax);  /* x as int16 */
+    c.parts = c.ws.xs + (size_t)M * kmax + (size_t)M * kmax / 2 + 1;  /* [M, nkv, nsplit, G, hd + 2] partials */
     c.scores = c.parts + (size_t)M * nh * MAX_SPLITS * (hd + 2);
     /* Split each sequence's context so that there are a few attention tasks per thread even for one sequence. */
     c.nsplit = (4 * nthreads + M * nkv - 1) / (M * nkv);

@@ -4,6 +4,7 @@ reach a Linear two ways: from a checkpoint (GGUF 4-bit blocks, or a `turboinfer 
 
   q4.py         4-bit group-wise weights (GGUF and round-to-nearest) and torch's int4 CPU kernel
   int8.py       8-bit per-channel weights and torch's int8 CPU kernel
+  grouped_int8.py  GGUF Q8_0 / Q5_K / Q6_K as int8 codes with group scales, and their CPU kernel
   awq.py        activation-aware scale search for int4 (calibration pass + per-layer search)
   gptq.py       GPTQ for int4 (error-compensating rounding, calibrated layer by layer)
   transform.py  quantize a loaded float model's Linears
@@ -16,6 +17,7 @@ import torch
 
 def quant_method_for(w, device: torch.device):
     """The matmul method for a quantized weight: the CPU kernel where it applies, else the PyTorch twin."""
+    from turboinfer.layers.quantization.grouped_int8 import GroupedInt8Weight, grouped_int8_method
     from turboinfer.layers.quantization.int8 import Int8Weight, int8_method
     from turboinfer.layers.quantization.q4 import Q4Weight, q4_method
 
@@ -23,11 +25,20 @@ def quant_method_for(w, device: torch.device):
         return q4_method(w, device)
     if isinstance(w, Int8Weight):
         return int8_method(w, device)
+    if isinstance(w, GroupedInt8Weight):
+        return grouped_int8_method(w, device)
     raise TypeError(f"no quantized method for {type(w).__name__}")
 
 
 def merge_shards(shards: list):
-    """One quantized matrix from the row blocks of a merged layer (q|k|v, gate|up), all of one type."""
+    """One quantized matrix from the row blocks of a merged layer (q|k|v, gate|up), all of one type; GGUF 4-bit
+    shards beside 5/6/8-bit ones (llama.cpp's mixed files) join them as int8 codes, which loses nothing."""
+    from turboinfer.layers.quantization.grouped_int8 import GroupedInt8Weight, from_q4
+    from turboinfer.layers.quantization.q4 import Q4Weight
+
+    kinds = {type(w) for w in shards}
+    if kinds == {Q4Weight, GroupedInt8Weight}:
+        shards = [from_q4(w) if isinstance(w, Q4Weight) else w for w in shards]
     kind = type(shards[0])
     if any(type(w) is not kind for w in shards) or not hasattr(kind, "cat"):
         raise ValueError("all shards of a merged layer must share one quantization type")
