@@ -51,3 +51,26 @@ def test_greedy_32_tokens_alone_and_batched(tiny_model, chunked):
         alone = llm.generate([ids], params, use_tqdm=False)[0]
         assert alone.outputs[0].token_ids == exp
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable_blocks  # nothing leaked
+
+
+def test_context_past_max_position_embeddings_with_rope_scaling(tmp_path_factory):
+    """Linear RoPE scaling lets --max-model-len pass the config's max_position_embeddings (256 here): positions up
+    to the served context need rotary tables, which the engine sizes to it. Logits of a 400-token prompt match HF
+    (which computes rotary angles on the fly); without scaling the same length is refused with a clear error."""
+    from tiny_models import make_tiny_model
+
+    from turboinfer.errors import InvalidRequestError
+
+    path, hf = make_tiny_model(tmp_path_factory, "llama-mha-linearrope")
+    llm = LLM(path, dtype="float32", max_model_len=512, kv_cache_memory="64MiB")
+    rotary = llm.engine.runner.model.model.layers[0].self_attn.rotary
+    assert rotary.cos.shape[0] == 512
+    ids = torch.randint(5, hf.config.vocab_size, (400,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(full_logits(llm, ids), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf, ids, 8)
+    plain, _ = make_tiny_model(tmp_path_factory, "llama-mqa")
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context length"):
+        LLM(plain, dtype="float32", max_model_len=512, kv_cache_memory="64MiB")

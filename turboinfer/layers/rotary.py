@@ -72,15 +72,25 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None, max_pos: int
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None) -> None:
         super().__init__()
-        inv_freq, attn_factor = rope_inv_freq(head_dim, base, scaling, max_position)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_position, head_dim // 2]
-        self.register_buffer("cos", freqs.cos() * attn_factor, persistent=False)
-        self.register_buffer("sin", freqs.sin() * attn_factor, persistent=False)
+        self.inv_freq, self.attn_factor = rope_inv_freq(head_dim, base, scaling, max_position)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.resize(max_position)
         # Every layer shares this module: gather cos/sin once per step. Holding the positions tensor itself
         # (not its id) guarantees a new step's tensor is never mistaken for the old one.
         self._step_positions: torch.Tensor | None = None
         self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def resize(self, num_positions: int) -> None:
+        """Tables for positions 0 .. num_positions - 1: the engine sizes them to the context it serves, which with RoPE
+        scaling can pass max_position_embeddings and otherwise is often far below it (2 MiB for SmolLM2's 8192).
+        Row p does not depend on the size (the same float32 products), so resizing changes no value."""
+        device = self.cos.device
+        t = torch.arange(num_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # [num_positions, head_dim // 2]
+        self.cos = freqs.cos() * self.attn_factor
+        self.sin = freqs.sin() * self.attn_factor
+        self._step_positions = self._step_cos_sin = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, num_heads, head_dim]; q and k heads can go through together in one call

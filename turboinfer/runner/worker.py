@@ -179,6 +179,11 @@ def create_worker(cfg: EngineConfig) -> Worker:
         raise InvalidRequestError(f"--max-model-len {cfg.max_model_len} needs {cfg.max_model_len} KV tokens but the "
                                   f"cache holds {capacity}; raise --kv-cache-memory or lower --max-model-len")
     max_len = min(max_len, capacity)
+    from turboinfer.layers.rotary import RotaryEmbedding
+
+    for mod in model.modules():
+        if isinstance(mod, RotaryEmbedding):
+            mod.resize(max_len)  # positions 0 .. max_len - 1 are all a request can reach
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
                          seed=cfg.seed, attention_backend=attention_backend, max_num_seqs=cfg.max_num_seqs,
                          max_seq_len=max_len, cuda_graphs=device.startswith("cuda") and not cfg.enforce_eager)
