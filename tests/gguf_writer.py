@@ -109,3 +109,19 @@ def rewrite_gguf(src: str, dst: str, retype: dict) -> str:
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+SCALE_OFFSETS = {12: (0, 2), 13: (0, 2), 14: (208,), 8: (0,)}  # Q4_K, Q5_K, Q6_K, Q8_0: where the fp16 scales are
+
+
+def random_blocks(qtype, n: int, k: int, seed: int) -> np.ndarray:
+    """Random blocks of `qtype` for an [n, k] matrix with small finite fp16 scales (every code pattern occurs)."""
+    rng = np.random.default_rng(seed)
+    from turboinfer.loader.gguf_dequant import BLOCK_SIZES
+
+    elems, nbytes = BLOCK_SIZES[int(qtype)]
+    raw = rng.integers(0, 256, size=(n, k // elems * nbytes), dtype=np.uint8)
+    blocks = raw.reshape(-1, nbytes)
+    for off in SCALE_OFFSETS[int(qtype)]:
+        blocks[:, off:off + 2] = (rng.standard_normal((blocks.shape[0], 1)) * 0.02).astype(np.float16).view(np.uint8)
+    return raw

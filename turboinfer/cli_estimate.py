@@ -162,12 +162,12 @@ def _inference(spec: LoadedSpec, args, device_memory: int | None) -> tuple[objec
             raise InvalidRequestError("--quantization applies to HF checkpoints; a GGUF file is counted as stored")
         if args.tensor_parallel_size > 1:
             raise InvalidRequestError("tensor-parallel estimates need an HF config; GGUF files are not sharded")
-        w = gguf_weights(spec.gguf, compute)
+        w = gguf_weights(spec.gguf, compute, "cuda" if args.device.startswith("cuda") else "cpu")
         types = ", ".join(f"{k} x{n}" for k, (n, _) in sorted(w.by_type.items()))
         if args.dequantize_gguf:
             kw.update(weight_bytes=w.dequantized_bytes, weights_note=f"GGUF dequantized to {compute} ({types})")
         else:
-            kw.update(weight_bytes=w.packed_bytes, weights_note=f"GGUF blocks as stored ({types}), float tensors "
+            kw.update(weight_bytes=w.packed_bytes, weights_note=f"GGUF kept quantized ({types}), float tensors "
                       f"in {compute}; file payload {fmt_bytes(w.stored_bytes)}")
     elif spec.checkpoint_bytes is not None:
         kw["weights_note"] = f"{compute}; safetensors on disk {fmt_bytes(spec.checkpoint_bytes)}"

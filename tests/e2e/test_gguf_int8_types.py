@@ -85,3 +85,20 @@ def test_generates_the_same_answer(packed, exact):
     a = packed.generate("The capital of France is", sp, use_tqdm=False)[0].outputs[0].text
     b = exact.generate("The capital of France is", sp, use_tqdm=False)[0].outputs[0].text
     assert a == b and "Paris" in a
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_keeps_the_mix_quantized(mixed_path, exact):
+    """On CUDA the same file runs through the Triton dequant-matmuls (int4 and int8 codes), not dequantized."""
+    from turboinfer.layers.quantization.grouped_int8 import GroupedInt8TritonMethod
+    from turboinfer.layers.quantization.q4 import Int4TritonMethod
+
+    gpu = LLM(mixed_path, device="cuda", dtype="float32", max_model_len=512, kv_cache_memory="256MiB")
+    layers = gpu.engine.runner.model.model.layers
+    assert isinstance(layers[1].self_attn.qkv_proj.quant_method, GroupedInt8TritonMethod)
+    assert isinstance(layers[5].mlp.gate_up_proj.quant_method, Int4TritonMethod)
+    ids = _ids(gpu)
+    _close(full_logits(gpu, ids).cpu(), full_logits(exact, ids), ids)
+    sp = SamplingParams(temperature=0, max_tokens=8)
+    assert "Paris" in gpu.generate("The capital of France is", sp, use_tqdm=False)[0].outputs[0].text

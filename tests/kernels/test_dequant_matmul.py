@@ -17,10 +17,21 @@ pytest.importorskip("triton")
 
 from turboinfer.kernels.torch_ref import dequant_matmul as ref  # noqa: E402
 from turboinfer.kernels.triton import dequant_matmul as tri  # noqa: E402
-from turboinfer.layers.quantization.int8 import (Int8TorchMethod, Int8TritonMethod, int8_method,  # noqa: E402
-                                                 quantize_int8)
-from turboinfer.layers.quantization.q4 import (Q4_0, Q4_1, Int4TorchMethod, Int4TritonMethod,  # noqa: E402
-                                               decompose_q4, q4_method, quantize_q4)
+from turboinfer.layers.quantization.int8 import (  # noqa: E402
+    Int8TorchMethod,
+    Int8TritonMethod,
+    int8_method,
+    quantize_int8,
+)
+from turboinfer.layers.quantization.q4 import (  # noqa: E402
+    Q4_0,
+    Q4_1,
+    Int4TorchMethod,
+    Int4TritonMethod,
+    decompose_q4,
+    q4_method,
+    quantize_q4,
+)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 REL = {F32: 1e-4, BF16: 2.0 ** -7, F16: 2.0 ** -10}
@@ -202,3 +213,45 @@ def test_gpu_methods_are_chosen():
     layer = _Layer(torch.randn(256, device=cuda, dtype=BF16))
     x = torch.randn(3, 512, device=cuda, dtype=BF16)
     _assert_close(method.apply(layer, x), Int4TorchMethod(w, cuda).apply(layer, x))
+
+
+def _grouped_case(qtype: int, n: int, k: int, seed: int):
+    from gguf_writer import random_blocks
+
+    from turboinfer.layers.quantization.grouped_int8 import decompose_grouped_int8
+
+    return decompose_grouped_int8(qtype, random_blocks(qtype, n, k, seed), (n, k))
+
+
+@pytest.mark.parametrize("qtype", [8, 13, 14], ids=["q8_0", "q5_k", "q6_k"])
+@pytest.mark.parametrize("m", [1, 33])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_grouped_int8_kernel_matches_twin(qtype, m, dtype, device):
+    """GGUF Q8_0 / Q5_K (zeros) / Q6_K (groups of 16) as int8 codes: kernel vs twin vs the dense weight."""
+    n, k = 72, 512  # N not a multiple of the N tile
+    w = _grouped_case(qtype, n, k, m)
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, k, generator=g) * 0.1).to(dtype).to(device)
+    bias = torch.randn(n, generator=g).to(dtype).to(device)
+    zero = None if w.zero is None else w.zero.t().contiguous().to(device)
+    args = (x, w.q.to(device), w.scale.t().contiguous().to(device), zero, w.group_size, bias)
+    _assert_close(tri.grouped_int8_matmul(*args), ref.grouped_int8_matmul(*args))
+    want = nn.functional.linear(x.cpu().double(), w.dequantize().double(), bias.cpu().double())
+    torch.testing.assert_close(ref.grouped_int8_matmul(*args).cpu().double(), want, rtol=REL[dtype],
+                               atol=REL[dtype] * want.abs().max().item())
+
+
+def test_grouped_int8_triton_method(device):
+    from turboinfer.layers.quantization.grouped_int8 import (
+        GroupedInt8TorchMethod,
+        GroupedInt8TritonMethod,
+    )
+
+    w = _grouped_case(13, 40, 256, 9)
+    layer = _Layer(None)
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(9)).to(device) * 0.1
+    got = GroupedInt8TritonMethod(w, device).apply(layer, x)
+    assert got.shape == (2, 3, 40)
+    _assert_close(got, GroupedInt8TorchMethod(w, device).apply(layer, x))
+    with pytest.raises(ValueError, match="group_size"):
+        tri.grouped_int8_matmul(x[0].contiguous(), w.q.to(device), w.scale.t().contiguous().to(device), None, 24)

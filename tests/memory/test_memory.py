@@ -212,14 +212,52 @@ def test_gguf_synthetic_quant_types(tmp_path):
 
     rng = np.random.default_rng(0)
     path = write_gguf_file(tmp_path / "m.gguf", "llama", {
-        "a.weight": (rng.integers(0, 255, (64, 64 // 32 * 34), dtype=np.uint8), 8),  # Q8_0 [64, 64]
-        "b.weight": (rng.integers(0, 255, (32, 256 // 32 * 18), dtype=np.uint8), 2),  # Q4_0 [32, 256]
-        "c.weight": rng.standard_normal(96).astype(np.float32),
+        "blk.0.ffn_down.weight": (rng.integers(0, 255, (64, 64 // 32 * 34), dtype=np.uint8), 8),  # Q8_0 [64, 64]
+        "blk.0.attn_output.weight": (rng.integers(0, 255, (32, 256 // 32 * 18), dtype=np.uint8), 2),  # Q4_0
+        "blk.0.attn_norm.weight": rng.standard_normal(96).astype(np.float32),
+        "token_embd.weight": (rng.integers(0, 255, (16, 256 // 32 * 18), dtype=np.uint8), 2),  # Q4_0 [16, 256]
     })
     w = weight_bytes_from_gguf(path, "float16")
-    assert w.stored_bytes == 64 * 2 * 34 + 32 * 8 * 18 + 96 * 4
-    assert w.packed_bytes == 64 * 2 * 34 + 32 * 8 * 18 + 96 * 2
-    assert w.dequantized_bytes == (64 * 64 + 32 * 256 + 96) * 2
+    assert w.stored_bytes == 64 * 2 * 34 + 32 * 8 * 18 + 96 * 4 + 16 * 8 * 18
+    # as loaded: Q8_0 linear -> int8 codes + a float32 scale per 32; Q4_0 linear -> 5/8 byte a weight (int4 and a
+    # bf16 pair per 32); float tensors in the dtype; a Q4_0 embedding is dequantized
+    assert w.packed_bytes == 64 * 64 * (1 + 4 / 32) + 32 * 256 * 5 // 8 + 96 * 2 + 16 * 256 * 2
+    assert w.dequantized_bytes == (64 * 64 + 32 * 256 + 96 + 16 * 256) * 2
+
+
+def test_loaded_bytes_match_the_engine(tmp_path_factory, default_model_path):
+    """The estimator's per-tensor bytes against what the loaded engine holds, on a file mixing Q4_1, Q8_0, Q5_K and
+    Q6_K linear layers (one merged q|k|v of two types), on CPU."""
+    import torch
+
+    from gguf_writer import rewrite_gguf
+    from turboinfer import LLM
+    from turboinfer.memory.gguf_header import loaded_bytes
+
+    retype = {"blk.0.ffn_down.weight": 14, "blk.1.ffn_down.weight": 13, "blk.2.attn_v.weight": 8,
+              "blk.3.attn_output.weight": 8}
+    path = rewrite_gguf(default_model_path, str(tmp_path_factory.mktemp("types") / "m.gguf"), retype)
+    by_name = loaded_bytes(read_gguf_header(path), "bfloat16", "cpu")
+    llm = LLM(path, dtype="bfloat16", max_model_len=256, kv_cache_memory="16MiB")
+    model = llm.engine.runner.model
+
+    def held(method) -> int:
+        ts = [v for v in vars(method).values() if isinstance(v, torch.Tensor)]
+        if hasattr(method, "w"):
+            ts += [t for t in (method.w.q, method.w.scale, method.w.zero) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    for names, lin in [
+            (["blk.{}.attn_q.weight", "blk.{}.attn_k.weight", "blk.{}.attn_v.weight"], "self_attn.qkv_proj"),
+            (["blk.{}.attn_output.weight"], "self_attn.o_proj"),
+            (["blk.{}.ffn_gate.weight", "blk.{}.ffn_up.weight"], "mlp.gate_up_proj"),
+            (["blk.{}.ffn_down.weight"], "mlp.down_proj")]:
+        for layer in range(4):
+            want = sum(by_name[n.format(layer)] for n in names)
+            got = held(model.get_submodule(f"model.layers.{layer}.{lin}").quant_method)
+            assert got == want, (layer, lin)
+    emb = model.model.embed_tokens
+    assert by_name["token_embd.weight"] == emb.codes.numel() + emb.group_scales.numel() * 2
 
 
 # ---- inverse questions ------------------------------------------------------------------------------------------
@@ -393,7 +431,7 @@ def test_cli_json_and_table(tmp_path, capsys, gguf_path):
     assert out["max_context_len"] > 32768 and out["kv_tokens_that_fit"] % 16 == 0
     assert main(["estimate", gguf_path, "--device", "cpu", "--max-model-len", "2048", "--device-memory", "1GiB"]) == 0
     text = capsys.readouterr().out
-    assert "GGUF blocks as stored" in text and "total" in text and "longest context" in text
+    assert "GGUF kept quantized" in text and "total" in text and "longest context" in text
     assert main(["estimate", str(cfg), "--mode", "qlora", "--gradient-checkpointing", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "qlora" and out["num_trainable_params"] > 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as ref
+from gguf_writer import random_blocks
 
 from turboinfer.kernels import cpu as cpu_kernels
 from turboinfer.layers.quantization import merge_shards, quant_method_for
@@ -22,20 +23,6 @@ from turboinfer.layers.quantization.grouped_int8 import (
     decompose_grouped_int8,
 )
 from turboinfer.layers.quantization.q4 import decompose_q4
-from turboinfer.loader.gguf_dequant import BLOCK_SIZES
-
-SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q8_0: (0,)}
-
-
-def gguf_bytes(qtype, n: int, k: int, seed: int) -> np.ndarray:
-    """Random blocks of `qtype` for an [n, k] matrix with small finite fp16 scales (every code pattern occurs)."""
-    rng = np.random.default_rng(seed)
-    elems, nbytes = BLOCK_SIZES[int(qtype)]
-    raw = rng.integers(0, 256, size=(n, k // elems * nbytes), dtype=np.uint8)
-    blocks = raw.reshape(-1, nbytes)
-    for off in SCALE_OFFSETS[qtype]:
-        blocks[:, off:off + 2] = (rng.standard_normal((blocks.shape[0], 1)) * 0.02).astype(np.float16).view(np.uint8)
-    return raw
 
 
 def reference(raw: np.ndarray, qtype, shape) -> torch.Tensor:
@@ -45,7 +32,7 @@ def reference(raw: np.ndarray, qtype, shape) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_decomposition_is_exact(qtype):
     n, k = 24, 512
-    raw = gguf_bytes(qtype, n, k, int(qtype))
+    raw = random_blocks(qtype, n, k, int(qtype))
     w = decompose_grouped_int8(int(qtype), raw, (n, k))
     assert w.q.dtype == torch.int8 and w.q.shape == (n, k)
     assert w.group_size == (16 if qtype == T.Q6_K else 32)
@@ -69,7 +56,7 @@ def test_mixed_shards_merge_exactly():
     """q and k in Q4_K, v in Q6_K (as llama.cpp's Q4_K_M files store some layers): one int8 layer, group 16."""
     k = 256
     parts = [(T.Q4_K, 64), (T.Q4_K, 32), (T.Q6_K, 32)]
-    raws = [gguf_bytes(qt, n, k, i) for i, (qt, n) in enumerate(parts)]
+    raws = [random_blocks(qt, n, k, i) for i, (qt, n) in enumerate(parts)]
     shards = [decompose_q4(int(qt), raw, (n, k)) if qt == T.Q4_K else decompose_grouped_int8(int(qt), raw, (n, k))
               for (qt, n), raw in zip(parts, raws)]
     merged = merge_shards(shards)
@@ -77,8 +64,8 @@ def test_mixed_shards_merge_exactly():
     expect = torch.cat([reference(raw, qt, (n, k)) for (qt, n), raw in zip(parts, raws)])
     assert torch.equal(merged.dequantize(), expect)
     # Q8_0 beside Q5_K: group 32, zeros only where Q5_K has them
-    a = decompose_grouped_int8(int(T.Q8_0), gguf_bytes(T.Q8_0, 16, k, 7), (16, k))
-    b = decompose_grouped_int8(int(T.Q5_K), gguf_bytes(T.Q5_K, 16, k, 8), (16, k))
+    a = decompose_grouped_int8(int(T.Q8_0), random_blocks(T.Q8_0, 16, k, 7), (16, k))
+    b = decompose_grouped_int8(int(T.Q5_K), random_blocks(T.Q5_K, 16, k, 8), (16, k))
     m = merge_shards([a, b])
     assert m.group_size == 32 and torch.equal(m.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
 
@@ -97,7 +84,7 @@ needs_c = pytest.mark.skipif(cpu_kernels.load_library() is None, reason="no C co
 def test_c_kernel_matches_float_matmul(qtype, portable):
     lib = cpu_kernels.load_library(("-mno-avx512f",) if portable else ())
     n, k = 72, 768  # 72 rows: four blocks of 16 and a tail of 8
-    raw = gguf_bytes(qtype, n, k, 3)
+    raw = random_blocks(qtype, n, k, 3)
     w = decompose_grouped_int8(int(qtype), raw, (n, k))
     dense = w.dequantize().double()
     g = torch.Generator().manual_seed(0)
@@ -111,7 +98,7 @@ def test_c_kernel_matches_float_matmul(qtype, portable):
 @needs_c
 def test_cpu_method_switches_to_dense_for_long_inputs():
     n, k = 48, 512
-    w = decompose_grouped_int8(int(T.Q6_K), gguf_bytes(T.Q6_K, n, k, 4), (n, k))
+    w = decompose_grouped_int8(int(T.Q6_K), random_blocks(T.Q6_K, n, k, 4), (n, k))
     method = quant_method_for(w, torch.device("cpu"))
     assert isinstance(method, GroupedInt8CPUMethod)
 
@@ -130,7 +117,7 @@ def test_torch_twin_in_blocks_equals_one_matmul(monkeypatch):
     from turboinfer.layers.quantization import grouped_int8
 
     n, k = 40, 256
-    w = decompose_grouped_int8(int(T.Q5_K), gguf_bytes(T.Q5_K, n, k, 5), (n, k))
+    w = decompose_grouped_int8(int(T.Q5_K), random_blocks(T.Q5_K, n, k, 5), (n, k))
     x = torch.randn(6, k)
 
     class Layer:

@@ -64,10 +64,11 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read {path}: {e}") from None
 
 
-def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
+def iter_gguf(path: str, keep_packed: bool, packed_embedding: bool = True) -> Iterator[tuple[str, object]]:
     """GGUF parameters by HF name. With keep_packed, linear weights stay quantized: 4-bit types as Q4Weight (packed
     int4 matmul), Q8_0 / Q5_K / Q6_K as GroupedInt8Weight (int8 codes), a Q8_0 embedding as its blocks; everything
-    else is dequantized to float32."""
+    else is dequantized to float32. `packed_embedding`: whether a Q8_0 embedding may stay packed (its output
+    projection uses torch's CPU int8 kernel)."""
     from turboinfer.layers.embedding import Q8_0, PackedQ8_0
     from turboinfer.layers.quantization.grouped_int8 import GROUPED_INT8_TYPES, decompose_grouped_int8
     from turboinfer.layers.quantization.q4 import Q4_TYPES, decompose_q4
@@ -85,7 +86,7 @@ def iter_gguf(path: str, keep_packed: bool) -> Iterator[tuple[str, object]]:
             yield name, decompose_q4(qtype, raw, shape)
         elif qtype in GROUPED_INT8_TYPES and linear:
             yield name, decompose_grouped_int8(qtype, raw, shape)
-        elif qtype == Q8_0 and name == "model.embed_tokens.weight":
+        elif qtype == Q8_0 and name == "model.embed_tokens.weight" and packed_embedding:
             yield name, PackedQ8_0(raw, shape)
         else:
             yield name, f.get_tensor(name, torch.float32)
@@ -131,7 +132,10 @@ def load_weights_into(model: torch.nn.Module, resolved: ResolvedModel, device: t
     from turboinfer.layers.linear import finalize_quantized
 
     if resolved.kind == "gguf":
-        weights = iter_gguf(resolved.path, keep_packed and device.type == "cpu")
+        # CPU: torch's int4 kernel and the C int8 kernel; CUDA: the Triton dequant-matmuls (the embedding table
+        # is dequantized there)
+        weights = iter_gguf(resolved.path, keep_packed and device.type in ("cpu", "cuda"),
+                            packed_embedding=device.type == "cpu")
     else:
         weights = iter_safetensors(resolved.path)
         qcfg = checkpoint_quantization(resolved)

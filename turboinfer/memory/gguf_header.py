@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,7 +174,7 @@ class GGUFWeights:
 
     path: str
     stored_bytes: int  # every tensor as stored in the file (quant blocks with their scales): the file's payload
-    packed_bytes: int  # quantized tensors kept packed, float tensors (norms, F16 weights) converted to `dtype`
+    packed_bytes: int  # in memory as the engine keeps them (see loaded_bytes), float tensors converted to `dtype`
     dequantized_bytes: int  # every tensor dequantized to `dtype` (float32 when dtype is None)
     dtype: str | None  # the dtype float / dequantized tensors are loaded in
     num_params: int
@@ -183,17 +184,62 @@ class GGUFWeights:
     by_type: dict[str, tuple[int, int]] = field(default_factory=dict)  # ggml type -> (tensors, stored bytes)
 
 
-def gguf_weights(header: GGUFHeader, dtype: str | None = None) -> GGUFWeights:
+# How the engine keeps GGUF tensors (loader/model_loader.py iter_gguf): linear weights of 4-bit types as torch's int4
+# packing with a bf16 (scale, offset) pair per 32 weights (5/8 byte a weight, on CUDA two codes a byte and fp16
+# pairs: the same); of Q8_0 / Q5_K / Q6_K as int8 codes with a float32 scale per group (32, 32, 16) and for Q5_K a
+# float32 offset too; a Q8_0 token embedding on CPU as stored; anything else quantized, dequantized to the dtype.
+_LINEAR = re.compile(r"(blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)|output)\.weight$")
+_MERGED = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight$")  # q|k|v and gate|up merge
+_Q4_TYPES = {2, 3, 12}  # Q4_0, Q4_1, Q4_K
+_INT8_GROUPS = {8: 32, 13: 32, 14: 16}  # Q8_0, Q5_K, Q6_K -> group size
+_INT8_ZEROS = {13}  # Q5_K
+
+
+def loaded_bytes(header: GGUFHeader, dtype: str | None = None, device: str = "cpu") -> dict[str, int]:
+    """Bytes each tensor takes once loaded (see above; `dtype` None: float tensors as stored, others float32). The
+    shards of a merged layer that mixes 4-bit and 5/6/8-bit types all become int8 codes on the finest group."""
     elem = dtype_bytes(dtype) if dtype is not None else None
-    stored = packed = dequant = params = 0
+    merged: dict[tuple[str, str], list[GGUFTensor]] = {}
+    for t in header.tensors:
+        if m := _MERGED.match(t.name):
+            merged.setdefault((m.group(1), "qkv" if m.group(2).startswith("attn") else "gu"), []).append(t)
+    as_int8: dict[str, tuple[int, bool]] = {}  # 4-bit shard of a mixed layer -> (group, zeros)
+    for shards in merged.values():
+        types = {t.ggml_type for t in shards}
+        if types & _Q4_TYPES and types & set(_INT8_GROUPS):
+            group = math.gcd(*(_INT8_GROUPS.get(g, 32) for g in types))
+            for t in shards:
+                as_int8[t.name] = (group, True)
+    out = {}
+    for t in header.tensors:
+        g = t.ggml_type
+        if g in FLOAT_TYPES:
+            out[t.name] = t.numel * elem if elem is not None else t.nbytes
+        elif t.name in as_int8:
+            group, zeros = as_int8[t.name]
+            out[t.name] = t.numel + t.numel // group * (8 if zeros else 4)
+        elif len(t.shape) == 2 and _LINEAR.match(t.name) and g in _Q4_TYPES:
+            out[t.name] = t.numel * 5 // 8
+        elif len(t.shape) == 2 and _LINEAR.match(t.name) and g in _INT8_GROUPS:
+            out[t.name] = t.numel + t.numel // _INT8_GROUPS[g] * (8 if g in _INT8_ZEROS else 4)
+        elif t.name == "token_embd.weight" and g == 8 and device == "cpu":
+            out[t.name] = t.nbytes
+        else:
+            out[t.name] = t.numel * (elem or 4)
+    return out
+
+
+def gguf_weights(header: GGUFHeader, dtype: str | None = None, device: str = "cpu") -> GGUFWeights:
+    elem = dtype_bytes(dtype) if dtype is not None else None
+    stored = dequant = params = 0
     by_type: dict[str, tuple[int, int]] = {}
     for t in header.tensors:
         stored += t.nbytes
         params += t.numel
         dequant += t.numel * (elem or 4)
-        packed += t.numel * elem if (elem is not None and t.ggml_type in FLOAT_TYPES) else t.nbytes
         n, b = by_type.get(type_name(t.ggml_type), (0, 0))
         by_type[type_name(t.ggml_type)] = (n + 1, b + t.nbytes)
+    packed = sum(loaded_bytes(header, dtype, device).values())
     return GGUFWeights(header.path, stored, packed, dequant, dtype, params, len(header.tensors),
                        header.data_offset, header.file_size, by_type)
 

@@ -45,3 +45,13 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """y = x @ W^T (+ bias) with W[n, k] = qweight[n, k] * scale[n]: qweight [N, K] int8, scale [N]."""
     w = qweight.float() * scale.float()[:, None]
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def grouped_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W[n, k] = qweight[n, k] * scale[k // g, n] (+ zero[k // g, n]): qweight [N, K]
+    int8, scale and zero [K // g, N] (zero optional)."""
+    w = qweight.float() * scale.float().t().repeat_interleave(group_size, dim=1)
+    if zero is not None:
+        w = w + zero.float().t().repeat_interleave(group_size, dim=1)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)

@@ -5,6 +5,7 @@ its scales, instead of dequantizing the whole matrix every call and then reading
 Layouts (the int4 one is defined, with `pack_int4`, in `kernels/torch_ref/dequant_matmul.py`):
   int4: qweight [N, K // 2] uint8, byte j of row n = q[n, 2j] | q[n, 2j + 1] << 4; scale, zero [K // g, N]
   int8: qweight [N, K] int8; scale [N] (symmetric, per output channel)
+  grouped int8: qweight [N, K] int8; scale [K // g, N] and optional zero [K // g, N] (GGUF Q8_0 / Q5_K / Q6_K)
 
 A program owns a BLOCK_N x BLOCK_M tile of y^T and walks K in BLOCK_K steps: it loads BLOCK_N rows of packed
 codes, splits the nibbles and interleaves them back into K order (tl.interleave), applies the tile's scale and
@@ -53,12 +54,14 @@ def _store_tile(acc, B, Y, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS: 
 
 
 @triton.jit
-def _int4_matmul_kernel(
+def _group_matmul_kernel(
     X, QW, S, Z, B, Y, M, N, K,
     stride_xm, stride_qn, stride_sg, stride_ym,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INT8: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
 ):
+    # INT8: one int8 code per byte; else two 4-bit codes per byte (pack_int4). Without HAS_ZERO, Z is not read.
     pid_n = tl.program_id(0)  # N fastest: neighbouring programs share the x tile, which then stays in L2
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,21 +70,28 @@ def _int4_matmul_kernel(
     m_mask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]: x^T
-    q_ptrs = QW + offs_n[:, None].to(tl.int64) * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]
+    if INT8:
+        q_ptrs = QW + offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :]
+    else:
+        q_ptrs = QW + offs_n[:, None].to(tl.int64) * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0 and BLOCK_K divides GROUP_SIZE: no K masks
-        packed = tl.load(q_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K // 2] uint8
-        codes = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K] in K order
+        if INT8:
+            codes = tl.load(q_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K] int8
+        else:
+            packed = tl.load(q_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K // 2] uint8
+            codes = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K] in K order
         group = k0 // GROUP_SIZE
         scale = tl.load(S + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zero = tl.load(Z + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        w = codes.to(tl.float32) * scale[:, None] + zero[:, None]
+        w = codes.to(tl.float32) * scale[:, None]
+        if HAS_ZERO:
+            w += tl.load(Z + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K // 2
+        q_ptrs += BLOCK_K if INT8 else BLOCK_K // 2
     _store_tile(acc, B, Y, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
 
@@ -153,11 +163,47 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     block_m, block_n, block_k, num_warps = matmul_tiles(m, group_size)
     upcast, dot_prec = dot_config(x.dtype, x.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _int4_matmul_kernel[grid](
+    _group_matmul_kernel[grid](
         x, qweight, scale, zero, y if bias is None else bias, y, m, n, k,
         x.stride(0), qweight.stride(0), scale.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PREC=dot_prec, num_warps=num_warps, num_stages=3,
+        HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PREC=dot_prec, INT8=False, HAS_ZERO=True,
+        num_warps=num_warps, num_stages=3,
+    )
+    return y
+
+
+def grouped_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias), W[n, k] = q[n, k] * scale[k // g, n] (+ zero[k // g, n]): x [M, K] float, qweight
+    [N, K] int8, scale and zero [K // g, N] float, g a power of two >= 16; returns [M, N] in x's dtype."""
+    n = qweight.shape[0]
+    _check_x_bias(x, n, bias)
+    m, k = x.shape
+    if qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != k or qweight.stride(1) != 1:
+        raise ValueError(f"qweight must be a [N, {k}] int8 tensor with contiguous rows, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)} strides {qweight.stride()}")
+    if group_size < 16 or group_size & (group_size - 1) or k % group_size:
+        raise ValueError(f"group_size must be a power of two >= 16 dividing K = {k}, got {group_size}")
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t is not None and (t.shape != (k // group_size, n) or t.dtype not in FLOAT_DTYPES or t.stride(1) != 1
+                              or t.stride() != scale.stride() or t.device != x.device):
+            raise ValueError(f"{name} must be a float [{k // group_size}, {n}] tensor contiguous along N on "
+                             f"{x.device}, got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    if qweight.device != x.device:
+        raise ValueError(f"qweight is on {qweight.device}, expected {x.device}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    block_m, block_n, block_k, num_warps = matmul_tiles(m, group_size)
+    upcast, dot_prec = dot_config(x.dtype, x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _group_matmul_kernel[grid](
+        x, qweight, scale, scale if zero is None else zero, y if bias is None else bias, y, m, n, k,
+        x.stride(0), qweight.stride(0), scale.stride(0), y.stride(0),
+        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PREC=dot_prec, INT8=True, HAS_ZERO=zero is not None,
+        num_warps=num_warps, num_stages=3,
     )
     return y
 

@@ -10,10 +10,11 @@ with their own scale and zero, also exactly.
 
 The matmul: on CPU the C kernel (`kernels/cpu/decode.c`, x quantized to int16 per row, int16 multiply-adds per
 group) for a few rows, and for more rows (prefill) the float weight is rebuilt a block of output rows at a time and
-multiplied densely; elsewhere the PyTorch twin."""
+multiplied densely; on CUDA the Triton dequant-matmul; elsewhere the PyTorch twin (the dense path)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, replace
 
@@ -168,6 +169,27 @@ class GroupedInt8CPUMethod(GroupedInt8TorchMethod):
         return y if layer.bias is None else y + layer.bias
 
 
+class GroupedInt8TritonMethod:
+    """CUDA: the Triton dequant-matmul (`kernels/triton/dequant_matmul.py`, int8 codes): one byte per weight and the
+    float32 group scales are read, no float weight is written."""
+
+    def __init__(self, w: GroupedInt8Weight, device: torch.device) -> None:
+        from turboinfer.kernels.triton.dequant_matmul import grouped_int8_matmul
+
+        self.matmul = grouped_int8_matmul  # imported here, not at the top: the CPU path must not need triton
+        self.out_features = w.shape[0]
+        self.group_size = w.group_size
+        self.q = w.q.to(device).contiguous()
+        self.scale = w.scale.t().to(device, torch.float32).contiguous()  # [K // g, N]
+        self.zero = None if w.zero is None else w.zero.t().to(device, torch.float32).contiguous()
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]).contiguous(), self.q, self.scale, self.zero, self.group_size,
+                        layer.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
 def grouped_int8_method(w: GroupedInt8Weight, device: torch.device):
     if device.type == "cpu" and w.group_size in (16, 32) and w.shape[1] % 32 == 0:
         from turboinfer.kernels import cpu as cpu_kernels
@@ -175,4 +197,7 @@ def grouped_int8_method(w: GroupedInt8Weight, device: torch.device):
         lib = cpu_kernels.load_library() if cpu_kernels.enabled() else None
         if lib is not None:
             return GroupedInt8CPUMethod(w, device, lib)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None and \
+            w.group_size >= 16 and not w.group_size & (w.group_size - 1):
+        return GroupedInt8TritonMethod(w, device)
     return GroupedInt8TorchMethod(w, device)
