@@ -495,9 +495,38 @@ static float q8_logit_row(const float *x, int H, int V, const int8_t *codes, con
     return s;
 }
 
+#ifdef __AVX512BW__
+/* Rows r0 .. r0 + 15 of the table against row m0 of x (and m0 + 1 when two): inlined with `two` a constant. */
+static inline __attribute__((always_inline)) void logit_chunk(const int16_t *xq, const float *dx, int H, int V,
+                                                              const int8_t *codes, const uint16_t *scales, int r0,
+                                                              int m0, const int two, float *out) {
+    __m512 acc0[LOGIT_ROWS], acc1[LOGIT_ROWS];
+    for (int r = 0; r < LOGIT_ROWS; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int g = 0; g < H / 32; g++) {
+        __m512i x0 = _mm512_loadu_si512(xq + (size_t)m0 * H + g * 32);
+        __m512i x1 = two ? _mm512_loadu_si512(xq + (size_t)(m0 + 1) * H + g * 32) : x0;
+        const int8_t *c = codes + ((size_t)g * V + r0) * 32;
+        float d[LOGIT_ROWS];
+        _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + (size_t)g * V + r0))));
+        for (int l = 0; l < LOGIT_ROWS * 32; l += 64)  /* the same group's rows four chunks ahead */
+            _mm_prefetch((const char *)c + 4 * LOGIT_ROWS * 32 + l, _MM_HINT_T0);
+        for (int r = 0; r < LOGIT_ROWS; r++) {
+            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + r * 32)));
+            __m512 dr = _mm512_set1_ps(d[r]);
+            acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, x0)), dr, acc0[r]);
+            if (two) acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, x1)), dr, acc1[r]);
+        }
+    }
+    for (int r = 0; r < LOGIT_ROWS; r++) {
+        out[(size_t)m0 * V + r0 + r] = _mm512_reduce_add_ps(acc0[r]) * dx[m0];
+        if (two) out[(size_t)(m0 + 1) * V + r0 + r] = _mm512_reduce_add_ps(acc1[r]) * dx[m0 + 1];
+    }
+}
+#endif
+
 static void q8_logits(Team *team, const float *x, int M, int H, int V, const int8_t *codes, const uint16_t *scales,
                       float *out, int16_t *xq, float *dx) {
-    int ngroups = H / 32, nchunks = V / LOGIT_ROWS, lo, hi;
+    int nchunks = V / LOGIT_ROWS, lo, hi;
 #ifdef __AVX512BW__
     for (int m = 0; m < M && team->tid == 0; m++) {
         float amax = 0;
@@ -509,31 +538,14 @@ static void q8_logits(Team *team, const float *x, int M, int H, int V, const int
     int mpairs = (M + 1) / 2;
     span(team, nchunks * mpairs, &lo, &hi);
     for (int t = lo; t < hi; t++) {  /* pairs of rows of x over one chunk of the table, then the next */
-        int r0 = (t / mpairs) * LOGIT_ROWS, m0 = (t % mpairs) * 2, m1 = m0 + 1 < M ? m0 + 1 : m0;
-        __m512 acc0[LOGIT_ROWS], acc1[LOGIT_ROWS];
-        for (int r = 0; r < LOGIT_ROWS; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
-        for (int g = 0; g < ngroups; g++) {
-            __m512i x0 = _mm512_loadu_si512(xq + (size_t)m0 * H + g * 32);
-            __m512i x1 = _mm512_loadu_si512(xq + (size_t)m1 * H + g * 32);
-            const int8_t *c = codes + ((size_t)g * V + r0) * 32;
-            float d[LOGIT_ROWS];
-            _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + (size_t)g * V + r0))));
-            for (int l = 0; l < LOGIT_ROWS * 32; l += 64)  /* the same group's rows four chunks ahead */
-                _mm_prefetch((const char *)c + 4 * LOGIT_ROWS * 32 + l, _MM_HINT_T0);
-            for (int r = 0; r < LOGIT_ROWS; r++) {
-                __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + r * 32)));
-                __m512 dr = _mm512_set1_ps(d[r]);
-                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, x0)), dr, acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, x1)), dr, acc1[r]);
-            }
-        }
-        for (int r = 0; r < LOGIT_ROWS; r++) {
-            out[(size_t)m0 * V + r0 + r] = _mm512_reduce_add_ps(acc0[r]) * dx[m0];
-            if (m1 != m0) out[(size_t)m1 * V + r0 + r] = _mm512_reduce_add_ps(acc1[r]) * dx[m1];
-        }
+        int r0 = (t / mpairs) * LOGIT_ROWS, m0 = (t % mpairs) * 2;
+        if (m0 + 1 < M)
+            logit_chunk(xq, dx, H, V, codes, scales, r0, m0, 1, out);
+        else  /* a row of x alone (batch 1): half the registers, so nothing spills */
+            logit_chunk(xq, dx, H, V, codes, scales, r0, m0, 0, out);
     }
 #else
-    (void)xq, (void)dx, (void)ngroups;
+    (void)xq, (void)dx;
     span(team, nchunks * M, &lo, &hi);
     for (int t = lo; t < hi; t++) {
         int r0 = (t % nchunks) * LOGIT_ROWS, m = t / nchunks;
