@@ -23,6 +23,11 @@ def _fmt(x, digits=1):
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def _caches(m: dict) -> str:
+    c = m.get("caches")
+    return "; " + ", ".join(f"{k} {v}" for k, v in c.items()) if c else ""
+
+
 def render_cpu_default_model(r: dict) -> str:
     res = r["results"]
     ours = res["turboinfer"]
@@ -32,10 +37,11 @@ def render_cpu_default_model(r: dict) -> str:
         "## Default model on CPU: turboinfer vs HF transformers vs llama.cpp",
         "",
         f"Model `{r['model']}` (SmolLM2-135M-Instruct, Q4_1 GGUF), {r['threads']} threads, "
-        f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {r['date']}.",
+        f"{m['cpu']} ({m['cores']} cores{_caches(m)}), torch {m['torch']}, {r['date']}.",
         f"Command: `{r['command']}`.",
         "",
-        "Decode: 128 greedy tokens after a 16-token prompt, batch 1. Prefill: one 512-token prompt (median of 5). "
+        "Decode: 128 greedy tokens after a 16-token prompt, batch 1 (median of 3 runs where the JSON lists them). "
+        "Prefill: one 512-token prompt (median of 5). "
         "Aggregate: 16 prompts decoded concurrently. Perplexity: "
         f"`benchmarks/data/lighthouses.txt` ({r['text_tokens']} tokens, the same ids for every engine).",
         "",
@@ -229,7 +235,7 @@ def render_cpu_gguf_types(r: dict) -> str:
     lines = ["## GGUF Q8_0 / Q5_K / Q6_K layers on CPU: turboinfer vs llama.cpp", "",
              f"SmolLM2-135M-Instruct re-encoded (see the command's docstring: `q8_0` = every linear layer Q8_0; "
              f"`mixed` = Q4_1 with ffn_down in Q6_K and attn_v in Q8_0), {r['threads']} threads, {m['cpu']} "
-             f"({m['cores']} cores), torch {m['torch']}, {r['date']}.", f"Command: `{r['command']}`.", "",
+             f"({m['cores']} cores{_caches(m)}), torch {m['torch']}, {r['date']}.", f"Command: `{r['command']}`.", "",
              "Decode: 128 greedy tokens after a 16-token prompt, batch 1; prefill: 512 tokens (median of 5); "
              f"perplexity over `benchmarks/data/lighthouses.txt` ({r['text_tokens']} tokens).", "",
              "| file | tensor types | decode tok/s (llama.cpp) | ratio | prefill tok/s (llama.cpp) | ratio | "

@@ -139,3 +139,47 @@ def test_merged_shards_and_group_size_choice():
     assert isinstance(quant_method_for(quantize_int8(torch.randn(16, 64)), CPU), Int8CPUMethod)
     assert layer_group_size(576, 128) == 64 and layer_group_size(4096, 128) == 128
     assert layer_group_size(96, 256) == 32 and layer_group_size(100, 128) is None
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vectorised", "portable"])
+def test_int4_to_bf16_is_exact(portable):
+    """The C conversion of torch's packed int4 to bf16 W^T: each weight (q - 8) s + z8 from the bf16 (s, z8) pair,
+    rounded to nearest even, for every row block (and a sub-range of them)."""
+    from turboinfer.kernels import cpu as cpu_kernels
+
+    lib = cpu_kernels.load_library(("-mno-avx512f",) if portable else ())
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(5)
+    w = quantize_q4(torch.randn(192, 256, generator=g) * 0.05, 64)
+    m = Int4CPUMethod(w, CPU)
+    sz = m.scales_zeros.float()  # [K / g, N, 2]
+    want = ((w.q.float() - 8) * sz[..., 0].t().repeat_interleave(64, 1)
+            + sz[..., 1].t().repeat_interleave(64, 1)).to(torch.bfloat16).t()
+    got = cpu_kernels.int4_to_bf16_t(lib, m.packed, m.scales_zeros, 192, 256, 64, 0, 192, 2)
+    assert got.shape == (256, 192) and torch.equal(got, want)
+    part = cpu_kernels.int4_to_bf16_t(lib, m.packed, m.scales_zeros, 192, 256, 64, 64, 192, 1)
+    assert torch.equal(part, want[:, 64:])
+
+
+def test_int4_prefill_in_bf16_uses_dense_weights(monkeypatch):
+    """bf16 inputs of DENSE_MIN_ROWS rows or more: bf16 weights in blocks and a dense matmul, which agrees with the
+    int4 kernel and the float oracle to bf16 tolerance; fewer rows keep the int4 kernel."""
+    from turboinfer.layers.quantization import q4
+
+    g = torch.Generator().manual_seed(6)
+    w = quantize_q4(torch.randn(320, 128, generator=g) * 0.05, 32)
+    m = Int4CPUMethod(w, CPU)
+    if m.lib is None:
+        pytest.skip("no C compiler")
+    layer = _Layer(torch.randn(320, generator=g).to(torch.bfloat16))
+    monkeypatch.setattr(q4, "DENSE_BLOCK", 128 * 128)  # two blocks of 128 rows and one of 64
+    calls = []
+    real = m._dense_bf16
+    monkeypatch.setattr(m, "_dense_bf16", lambda x: calls.append(x.shape[0]) or real(x))
+    for rows in (8, 48):
+        x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+        y = m.apply(layer, x)
+        ref = x.float() @ w.dequantize().t() + layer.bias.float()
+        _assert_bf16_close(y, ref.to(torch.bfloat16))
+    assert calls == [48]

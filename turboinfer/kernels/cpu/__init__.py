@@ -90,7 +90,24 @@ def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     lib.ti_int8_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int]
+    lib.ti_int4_to_bf16.restype = ctypes.c_int
+    lib.ti_int4_to_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return lib
+
+
+def int4_to_bf16_t(lib: ctypes.CDLL, packed, scales_zeros, n: int, k: int, group: int, n0: int, n1: int,
+                   nthreads: int):
+    """Rows n0 .. n1 - 1 (multiples of 64) of a weight in torch's CPU int4 packing, as its transpose W^T [K, n1 - n0]
+    in bf16 (each weight (q - 8) s + z8 rounded to nearest even)."""
+    import torch
+
+    out = torch.empty(k, n1 - n0, dtype=torch.bfloat16)
+    rc = lib.ti_int4_to_bf16(packed.data_ptr(), scales_zeros.data_ptr(), n, k, group, n0 // 64, n1 // 64,
+                             out.data_ptr(), n1 - n0, nthreads)
+    if rc != 0:
+        raise ValueError(f"int4 -> bf16: rows {n0}..{n1} of an [{n}, {k}] weight (group {group}) not supported")
+    return out
 
 
 def grouped_int8_matmul(lib: ctypes.CDLL, x, w, nthreads: int):
