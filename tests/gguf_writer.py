@@ -78,10 +78,10 @@ def quantize_q5_k(w: np.ndarray) -> np.ndarray:
     return blocks.reshape(n, -1)
 
 
-def rewrite_gguf(src: str, dst: str, retype: dict) -> str:
+def rewrite_gguf(src: str, dst: str, retype: dict, add: dict | None = None) -> str:
     """A copy of the GGUF file `src` (metadata and tensors) with the tensors named in `retype` (GGUF names) stored in
     another type: dequantized with the gguf package, then quantized to Q8_0 (gguf's quantizer), Q6_K or Q5_K (the
-    ones above)."""
+    ones above). `add`: new tensor name -> (source tensor name, type), e.g. an untied output.weight."""
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
@@ -95,15 +95,18 @@ def rewrite_gguf(src: str, dst: str, retype: dict) -> str:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    for t in reader.tensors:
-        if t.name in retype:
-            qtype = T(retype[t.name])
+    jobs = [(t.name, t, retype.get(t.name)) for t in reader.tensors]
+    by_name = {t.name: t for t in reader.tensors}
+    jobs += [(name, by_name[source], qtype) for name, (source, qtype) in (add or {}).items()]
+    for name, t, qtype in jobs:
+        if qtype is not None:
+            qtype = T(qtype)
             w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            writer.add_tensor(t.name, encoders[qtype](w), raw_dtype=qtype)
+            writer.add_tensor(name, encoders[qtype](w), raw_dtype=qtype)
         elif t.tensor_type in (T.F32, T.F16):
-            writer.add_tensor(t.name, np.array(t.data))
+            writer.add_tensor(name, np.array(t.data))
         else:
-            writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+            writer.add_tensor(name, np.array(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -102,3 +102,42 @@ def test_cuda_keeps_the_mix_quantized(mixed_path, exact):
     _close(full_logits(gpu, ids).cpu(), full_logits(exact, ids), ids)
     sp = SamplingParams(temperature=0, max_tokens=8)
     assert "Paris" in gpu.generate("The capital of France is", sp, use_tqdm=False)[0].outputs[0].text
+
+
+def test_int8_token_table_lookups_and_tied_logits(default_model_path, monkeypatch, exact):
+    """The int8 path Q6_K / Q5_K token tables take (llama.cpp's Q4_K_M files store them so), run with the default
+    model's Q8_0 table: lookups equal the dequantized rows exactly, and the tied output projection (the C int8
+    kernel, inside the decode step and outside it) tracks the float32 dequantized model."""
+    from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
+    from turboinfer.loader import model_loader
+    from turboinfer.runner import cpu_decode
+
+    monkeypatch.setattr(model_loader, "Q8_0_TABLE", False)
+    llm = LLM(default_model_path, dtype="float32", max_model_len=512, kv_cache_memory="32MiB")
+    emb = llm.engine.runner.model.model.embed_tokens
+    assert not emb.is_quantized and isinstance(emb.grouped_method, GroupedInt8CPUMethod)
+    ref_emb = exact.engine.runner.model.model.embed_tokens
+    ids = torch.tensor([0, 1, 7, 4242, 49151])
+    assert torch.equal(emb(ids), ref_emb(ids).float())
+    dec = llm.engine.runner.cpu_decoder
+    assert dec is not None and int(dec.dims[cpu_decode.DIMS.index("logits")]) == cpu_decode.LOGITS_INT8
+    text = _ids(llm)
+    _close(full_logits(llm, text), full_logits(exact, text), text)
+    _close(teacher_forced_logits(llm.engine, text), full_logits(exact, text), text)
+
+
+def test_untied_int8_output_projection_runs_inside_the_step(tmp_path_factory, default_model_path, exact):
+    """An untied output.weight in Q8_0 (a copy of the table): lm_head stays int8 codes and the decode step computes
+    the logits with it; they track the tied float32 model (the same numbers, rounded once more to Q8_0)."""
+    from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
+    from turboinfer.runner import cpu_decode
+
+    path = rewrite_gguf(default_model_path, str(tmp_path_factory.mktemp("untied") / "m.gguf"), {},
+                        add={"output.weight": ("token_embd.weight", T.Q8_0)})
+    llm = LLM(path, dtype="float32", max_model_len=512, kv_cache_memory="32MiB")
+    model = llm.engine.runner.model
+    assert model.lm_head is not None and isinstance(model.lm_head.quant_method, GroupedInt8CPUMethod)
+    dec = llm.engine.runner.cpu_decoder
+    assert int(dec.dims[cpu_decode.DIMS.index("logits")]) == cpu_decode.LOGITS_INT8
+    text = _ids(llm)
+    _close(teacher_forced_logits(llm.engine, text), full_logits(exact, text), text)

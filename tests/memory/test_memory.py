@@ -447,3 +447,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: the llama config lacks vocab_size") and err.count("\n") == 1
     assert main(["estimate", str(tmp_path / "missing.gguf")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_loaded_bytes_of_int8_token_tables(tmp_path):
+    """A Q6_K token table stays int8 codes with a float32 scale per 16 on CPU; on CUDA it is dequantized."""
+    from gguf_writer import random_blocks, write_gguf_file
+
+    from turboinfer.memory.gguf_header import loaded_bytes
+
+    path = write_gguf_file(tmp_path / "t.gguf", "llama", {"token_embd.weight": (random_blocks(14, 16, 512, 0), 14)})
+    header = read_gguf_header(path)
+    assert loaded_bytes(header, "bfloat16", "cpu") == {"token_embd.weight": 16 * 512 + 16 * 512 // 16 * 4}
+    assert loaded_bytes(header, "bfloat16", "cuda") == {"token_embd.weight": 16 * 512 * 2}

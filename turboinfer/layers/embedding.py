@@ -1,4 +1,5 @@
-"""Token embedding that can double as the (tied) output projection, dense or kept as GGUF Q8_0 blocks.
+"""Token embedding that can double as the (tied) output projection: dense, kept as GGUF Q8_0 blocks, or as int8
+codes with group scales (GGUF Q6_K / Q5_K tables, see layers/quantization/grouped_int8.py).
 
 Q8_0 stores w = q * d with q int8 and one d per 32 weights. Kept that way the table costs 1.06 bytes a weight
 instead of 2 (bf16), a lookup dequantizes only the rows it needs, and the output projection reads the int8
@@ -37,6 +38,8 @@ def decompose_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tenso
 
 
 class VocabEmbedding(nn.Module):
+    bias = None  # read by a grouped_int8 method as the output projection's (absent) bias
+
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
@@ -44,10 +47,22 @@ class VocabEmbedding(nn.Module):
         # [K // 32, N] float16: the file's own scales, exact (lookups and the C decode step read them; the int8
         # kernel gets one group's in bf16 at a time, so no second copy of all of them is kept)
         self.group_scales: torch.Tensor | None = None
+        self.grouped = None  # a Q6_K / Q5_K table: GroupedInt8Weight [vocab, hidden]
+        self.grouped_method = None  # and its matmul, for a tied output projection
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         if isinstance(loaded, PackedQ8_0):
             return self.load_q8_0(loaded.raw, loaded.shape)
+        from turboinfer.layers.quantization.grouped_int8 import GroupedInt8Weight, grouped_int8_method
+
+        if isinstance(loaded, GroupedInt8Weight):
+            if tuple(loaded.shape) != tuple(self.weight.shape):
+                raise ModelLoadError(f"embedding shape {tuple(loaded.shape)} does not match the model's "
+                                     f"{tuple(self.weight.shape)}")
+            self.grouped_method = grouped_int8_method(loaded, self.weight.device)
+            self.grouped = self.grouped_method.w  # on the device, float32 scales
+            self.weight = nn.Parameter(torch.empty(0, device=self.weight.device), requires_grad=False)
+            return None
         if tuple(loaded.shape) != tuple(param.shape):
             raise ModelLoadError(f"embedding shape {tuple(loaded.shape)} does not match the model's "
                                  f"{tuple(param.shape)}")
@@ -65,9 +80,14 @@ class VocabEmbedding(nn.Module):
 
     @property
     def is_quantized(self) -> bool:
+        """Kept as GGUF Q8_0 blocks (the layout the C decode step's Q8_0 logits read)."""
         return self.codes is not None
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.grouped is not None:
+            w = self.grouped
+            rows = type(w)(w.q[ids], w.scale[ids], None if w.zero is None else w.zero[ids], w.group_size)
+            return rows.dequantize().to(dtype or torch.float32)
         if self.codes is None:
             return F.embedding(ids, self.weight)
         rows = self.codes[:, ids].float() * self.group_scales[:, ids, None].float()  # [K // 32, T, 32]
@@ -75,6 +95,8 @@ class VocabEmbedding(nn.Module):
 
     def as_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, K] -> [T, vocab] with this table as the output projection (tied embeddings)."""
+        if self.grouped_method is not None:
+            return self.grouped_method.apply(self, hidden).float()
         if self.codes is None:
             return F.linear(hidden, self.weight)
         x = hidden.to(torch.bfloat16)  # torch's int8 kernel is vectorised for bf16 activations

@@ -64,11 +64,16 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read {path}: {e}") from None
 
 
+# A Q8_0 token embedding is kept as its own regrouped table (the fastest tied logits: int8 multiply-adds per group
+# of 32, 16 rows at a time); False sends it down the general int8 path that Q6_K / Q5_K tables take (tests use it).
+Q8_0_TABLE = True
+
+
 def iter_gguf(path: str, keep_packed: bool, packed_embedding: bool = True) -> Iterator[tuple[str, object]]:
     """GGUF parameters by HF name. With keep_packed, linear weights stay quantized: 4-bit types as Q4Weight (packed
     int4 matmul), Q8_0 / Q5_K / Q6_K as GroupedInt8Weight (int8 codes), a Q8_0 embedding as its blocks; everything
-    else is dequantized to float32. `packed_embedding`: whether a Q8_0 embedding may stay packed (its output
-    projection uses torch's CPU int8 kernel)."""
+    else is dequantized to float32. `packed_embedding`: whether a Q8_0 / Q6_K / Q5_K embedding may stay packed
+    (CPU: lookups dequantize their rows, a tied output projection runs the int8 kernels)."""
     from turboinfer.layers.embedding import Q8_0, PackedQ8_0
     from turboinfer.layers.quantization.grouped_int8 import GROUPED_INT8_TYPES, decompose_grouped_int8
     from turboinfer.layers.quantization.q4 import Q4_TYPES, decompose_q4
@@ -86,8 +91,10 @@ def iter_gguf(path: str, keep_packed: bool, packed_embedding: bool = True) -> It
             yield name, decompose_q4(qtype, raw, shape)
         elif qtype in GROUPED_INT8_TYPES and linear:
             yield name, decompose_grouped_int8(qtype, raw, shape)
-        elif qtype == Q8_0 and name == "model.embed_tokens.weight" and packed_embedding:
+        elif qtype == Q8_0 and name == "model.embed_tokens.weight" and packed_embedding and Q8_0_TABLE:
             yield name, PackedQ8_0(raw, shape)
+        elif qtype in GROUPED_INT8_TYPES and name == "model.embed_tokens.weight" and packed_embedding:
+            yield name, decompose_grouped_int8(qtype, raw, shape)  # Q6_K / Q5_K tables (Q4_K_M files)
         else:
             yield name, f.get_tensor(name, torch.float32)
 

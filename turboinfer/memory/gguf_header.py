@@ -187,7 +187,8 @@ class GGUFWeights:
 # How the engine keeps GGUF tensors (loader/model_loader.py iter_gguf): linear weights of 4-bit types as torch's int4
 # packing with a bf16 (scale, offset) pair per 32 weights (5/8 byte a weight, on CUDA two codes a byte and fp16
 # pairs: the same); of Q8_0 / Q5_K / Q6_K as int8 codes with a float32 scale per group (32, 32, 16) and for Q5_K a
-# float32 offset too; a Q8_0 token embedding on CPU as stored; anything else quantized, dequantized to the dtype.
+# float32 offset too; a Q8_0 token embedding on CPU as stored, a Q6_K / Q5_K one like those linear weights; anything
+# else quantized, dequantized to the dtype.
 _LINEAR = re.compile(r"(blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)|output)\.weight$")
 _MERGED = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight$")  # q|k|v and gate|up merge
 _Q4_TYPES = {2, 3, 12}  # Q4_0, Q4_1, Q4_K
@@ -224,6 +225,8 @@ def loaded_bytes(header: GGUFHeader, dtype: str | None = None, device: str = "cp
             out[t.name] = t.numel + t.numel // _INT8_GROUPS[g] * (8 if g in _INT8_ZEROS else 4)
         elif t.name == "token_embd.weight" and g == 8 and device == "cpu":
             out[t.name] = t.nbytes
+        elif t.name == "token_embd.weight" and g in _INT8_GROUPS and device == "cpu":
+            out[t.name] = t.numel + t.numel // _INT8_GROUPS[g] * (8 if g in _INT8_ZEROS else 4)
         else:
             out[t.name] = t.numel * (elem or 4)
     return out

@@ -22,7 +22,8 @@ log = logging.getLogger("turboinfer")
 MAX_BATCH = 64  # decode batches up to this size (measured faster than the PyTorch path up to 64 on 2 cores)
 # Index names shared with decode.c (its D_* and P_* enums)
 DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size", "window",
-        "bf16", "has_bias", "logits", "max_seq", "kv_kind")
+        "bf16", "has_bias", "logits", "max_seq", "kv_kind", "logits_group")
+LOGITS_NONE, LOGITS_Q8, LOGITS_INT8 = 0, 1, 2  # decode.c's: how the step computes the logits
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
               "k_cache", "v_cache", "k_scale", "v_scale", "qkv_is", "o_is", "gu_is", "down_is",
@@ -76,13 +77,25 @@ class CPUDecoder:
         layers = model.model.layers
         emb = model.model.embed_tokens
         self.lib, self.model = lib, model
-        self.tied_q8 = model.lm_head is None and emb.is_quantized
+        from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
+
+        # The output projection inside the step: the tied Q8_0 table, or an int8 one (tied Q6_K / Q5_K table, or
+        # an untied lm_head kept as int8 codes); anything else returns the final hidden states.
+        head = emb.grouped_method if model.lm_head is None else model.lm_head.quant_method
+        if model.lm_head is None and emb.is_quantized:
+            logits_mode, head_ptrs, logits_group = LOGITS_Q8, [emb.codes, emb.group_scales, None], 0
+        elif isinstance(head, GroupedInt8CPUMethod):
+            logits_mode, head_ptrs, logits_group = LOGITS_INT8, [head.w.q, head.w.scale, head.w.zero], head.group_size
+        else:
+            logits_mode, head_ptrs, logits_group = LOGITS_NONE, [None, None, None], 0
+        self.step_logits = logits_mode != LOGITS_NONE  # the step returns logits
         attn0 = layers[0].self_attn
         d = dict(layers=len(layers), hidden=arch.hidden_size, heads=arch.num_heads, kv_heads=arch.num_kv_heads,
                  head_dim=arch.head_dim, inter=arch.intermediate_size, vocab=arch.vocab_size, block_size=block_size,
                  window=arch.sliding_window or 0,
                  bf16=int(dtype == torch.bfloat16), has_bias=int(attn0.qkv_proj.bias is not None),
-                 logits=int(self.tied_q8), max_seq=max_seq_len, kv_kind=KV_KINDS[attn0.attn.k_cache.dtype])
+                 logits=logits_mode, max_seq=max_seq_len, kv_kind=KV_KINDS[attn0.attn.k_cache.dtype],
+                 logits_group=logits_group)
         self.dims = torch.tensor([d[name] for name in DIMS], dtype=torch.int64)
         self.fparams = torch.tensor([arch.rms_norm_eps, attn0.attn.scale], dtype=torch.float32)
         self.vocab = arch.vocab_size
@@ -116,8 +129,8 @@ class CPUDecoder:
                 ptrs.append(0 if t is None else t.data_ptr())
         rot = attn0.rotary
         self._keep += [rot.cos.contiguous(), rot.sin.contiguous()]
-        ptrs += [model.model.norm.weight.data_ptr(), self._keep[-2].data_ptr(), self._keep[-1].data_ptr(),
-                 emb.codes.data_ptr() if self.tied_q8 else 0, emb.group_scales.data_ptr() if self.tied_q8 else 0]
+        ptrs += [model.model.norm.weight.data_ptr(), self._keep[-2].data_ptr(), self._keep[-1].data_ptr()]
+        ptrs += [0 if t is None else t.data_ptr() for t in head_ptrs]
         self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.work = torch.empty(0)
 
@@ -137,7 +150,7 @@ class CPUDecoder:
         seq_lens = pos + 1
         width = max(len(b) for b in block_tables)
         tables = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.int64)
-        logits = torch.empty(m, self.vocab, dtype=torch.float32) if self.tied_q8 else None
+        logits = torch.empty(m, self.vocab, dtype=torch.float32) if self.step_logits else None
         rc = self.lib.ti_decode_step(self.dims.data_ptr(), self.fparams.data_ptr(), self.ptrs, m, x.data_ptr(),
                                      pos.data_ptr(), seq_lens.data_ptr(), tables.data_ptr(), width,
                                      logits.data_ptr() if logits is not None else None, self.work.data_ptr(),

@@ -32,7 +32,10 @@
 #endif
 
 enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_VOCAB, D_BLOCK_SIZE,
-       D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_KV_KIND, D_NUM_DIMS };
+       D_WINDOW, D_BF16, D_HAS_BIAS, D_LOGITS, D_MAX_SEQ, D_KV_KIND, D_LOGITS_GROUP, D_NUM_DIMS };
+/* D_LOGITS: 0 the step ends with the final norm; LOGITS_Q8 the tied Q8_0 table below; LOGITS_INT8 an int8 weight
+ * [vocab, hidden] with group scales (a Q6_K / Q5_K / Q8_0 output projection or tied table), group D_LOGITS_GROUP */
+enum { LOGITS_NONE, LOGITS_Q8, LOGITS_INT8 };
 enum { KV_F32, KV_BF16, KV_INT8 };
 enum { LIN_INT4, LIN_INT8 };  /* a linear layer's weight format (see Layouts) */
 enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, P_GU_S, P_DOWN_W, P_DOWN_S,
@@ -40,7 +43,7 @@ enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, 
        P_QKV_Z, P_O_Z, P_GU_Z, P_DOWN_Z, P_LIN_META, P_PER_LAYER };
 /* P_*_IS: AWQ input scales [K] float32 of that layer, or NULL: the layer computes (x * s) W^T (int4 only).
  * P_*_Z: an int8 layer's zeros, or NULL. P_LIN_META: int32 [4][2], (format, group) of qkv, o, gate_up, down. */
-enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_NUM };
+enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_EMB_ZEROS, G_NUM };
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -969,8 +972,11 @@ static void step_body(void *arg, Team *team) {
         rms_norm(rm, glob[G_FINAL_NORM], bf16, H, c->eps, xm);
     }
     barrier(team);
-    if (dims[D_LOGITS])
+    if (dims[D_LOGITS] == LOGITS_Q8)
         q8_logits(team, x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], c->logits, c->ws.xq, c->ws.dx);
+    else if (dims[D_LOGITS] == LOGITS_INT8)
+        i8_matmul(team, x, M, H, dims[D_VOCAB], dims[D_LOGITS_GROUP], glob[G_EMB_CODES], glob[G_EMB_SCALES],
+                  glob[G_EMB_ZEROS], NULL, 0, c->logits, c->ws.xsum, c->ws.xq, c->ws.dx);
 }
 
 int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs, int M, float *x,
