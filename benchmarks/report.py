@@ -96,7 +96,7 @@ def _machine(r: dict) -> str:
     if gpu:
         hw += f", {gpu['name']} ({gpu['memory_bytes'] / 2**30:.0f} GiB)"
     sw = ", ".join(f"{k} {v[k]}" for k in ("turboinfer", "torch", "transformers", "llama_cpp_python") if k in v)
-    return f"Machine: {hw}; {sw}; {r['date']}."
+    return f"Machine: {hw}; {sw + '; ' if sw else ''}{r['date']}."
 
 
 def _ms(stats: dict, key: str = "mean") -> str:
