@@ -252,8 +252,8 @@ def render_cpu_gguf_types(r: dict) -> str:
             f"{ours.get('perplexity_decode_step', float('nan')):.3f} / {v['turboinfer_float32_perplexity']:.3f} / "
             f"{lc['perplexity']:.3f} | {v['memory']['ratio_to_file_excluding_kv']:.2f}x |")
     lines += ["", "The int8 codes of Q6_K and Q5_K take a byte a weight plus a float32 scale per group (1.25 bytes "
-                  "against the file's 0.82 and 0.69), and a merged q|k|v or gate|up layer that mixes 4-bit shards with "
-                  "these stores all of its shards as int8; Q8_0 keeps the file's size within 6%."]
+                  "against the file's 0.82 and 0.69); Q8_0 keeps the file's size within 6%, 4-bit types their own. "
+                  "Resident includes the tokenizer and the runtime, as in the default-model table."]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 files do) load without dequantizing and compute like the dequantized model.
 
 The file is the default model rewritten: layer 0's ffn_down in Q6_K, every linear of layer 1 in Q8_0, layer 2's
-ffn_down in Q5_K, layer 3's attn_v in Q8_0 beside Q4_1 q and k (one merged q|k|v layer of two types); the rest stays
+ffn_down in Q5_K, layer 3's attn_v in Q8_0 beside Q4_1 q and k (one merged q|k|v layer in two formats); the rest stays
 Q4_1. (K-quants need rows that are a multiple of 256: here only ffn_down's 1536.) The bar is the default model's:
 mean log-likelihood within 0.005 nats of the exact float32 dequantized model and the same top token at >95% of
 positions, for prefill and for the C decode step."""
@@ -18,6 +18,7 @@ from gguf_writer import rewrite_gguf
 from tiny_models import full_logits
 
 from turboinfer import LLM, SamplingParams
+from turboinfer.layers.quantization import PartsMethod
 from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
 from turboinfer.layers.quantization.q4 import Int4CPUMethod
 from turboinfer.runner.cpu_decode import teacher_forced_logits
@@ -63,7 +64,10 @@ def test_every_linear_stays_quantized(packed):
                                                   ("mlp", "gate_up_proj"), ("mlp", "down_proj"))}
     int8 = {k for k, v in kinds.items() if v is GroupedInt8CPUMethod}
     assert int8 == {(0, "down_proj"), (1, "qkv_proj"), (1, "o_proj"), (1, "gate_up_proj"), (1, "down_proj"),
-                    (2, "down_proj"), (3, "qkv_proj")}
+                    (2, "down_proj")}
+    assert kinds.pop((3, "qkv_proj")) is PartsMethod  # q|k in Q4_1, v in Q8_0: two parts
+    qkv3 = layers[3].self_attn.qkv_proj.quant_method
+    assert [type(m) for m in qkv3.methods] == [Int4CPUMethod, GroupedInt8CPUMethod] and qkv3.rows == [576 + 192, 192]
     assert all(v is Int4CPUMethod for k, v in kinds.items() if k not in int8)
     assert layers[0].mlp.down_proj.quant_method.group_size == 16  # Q6_K
     assert layers[2].mlp.down_proj.quant_method.w.zero is not None  # Q5_K's mins

@@ -52,18 +52,35 @@ def test_quantized_floats_round_trip():
     assert torch.equal(w.dequantize(), reference(raw, T.Q8_0, x.shape))
 
 
-def test_mixed_shards_merge_exactly():
-    """q and k in Q4_K, v in Q6_K (as llama.cpp's Q4_K_M files store some layers): one int8 layer, group 16."""
+def test_mixed_shards_keep_their_formats():
+    """q and k in Q4_K, v in Q6_K (as llama.cpp's Q4_K_M files store some layers): one layer of two parts, each in
+    its own format, whose matmul equals the dense one."""
+    from turboinfer.layers.quantization import PartsMethod, SplitWeight
+    from turboinfer.layers.quantization.q4 import Q4Weight
+
     k = 256
     parts = [(T.Q4_K, 64), (T.Q4_K, 32), (T.Q6_K, 32)]
     raws = [random_blocks(qt, n, k, i) for i, (qt, n) in enumerate(parts)]
     shards = [decompose_q4(int(qt), raw, (n, k)) if qt == T.Q4_K else decompose_grouped_int8(int(qt), raw, (n, k))
               for (qt, n), raw in zip(parts, raws)]
     merged = merge_shards(shards)
-    assert isinstance(merged, GroupedInt8Weight) and merged.group_size == 16
+    assert isinstance(merged, SplitWeight) and merged.shape == (128, k)
+    assert isinstance(merged.parts[0], Q4Weight) and merged.parts[0].shape == (96, k)
+    assert isinstance(merged.parts[1], GroupedInt8Weight) and merged.parts[1].group_size == 16
     expect = torch.cat([reference(raw, qt, (n, k)) for (qt, n), raw in zip(parts, raws)])
-    assert torch.equal(merged.dequantize(), expect)
-    # Q8_0 beside Q5_K: group 32, zeros only where Q5_K has them
+    assert torch.equal(torch.cat([merged.parts[0].dequantize(), merged.parts[1].dequantize()]), expect)
+    method = quant_method_for(merged, torch.device("cpu"))
+    assert isinstance(method, PartsMethod) and method.rows == [96, 32]
+
+    class Layer:
+        bias = torch.randn(128)
+
+    x = torch.randn(3, k)
+    want = x @ expect.t() + Layer.bias
+    got = method.apply(Layer, x)
+    assert got.shape == (3, 128)
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())  # bf16 int4 kernel
+    # Q8_0 beside Q5_K: both int8, one part, group 32, zeros only where Q5_K has them
     a = decompose_grouped_int8(int(T.Q8_0), random_blocks(T.Q8_0, 16, k, 7), (16, k))
     b = decompose_grouped_int8(int(T.Q5_K), random_blocks(T.Q5_K, 16, k, 8), (16, k))
     m = merge_shards([a, b])

@@ -190,35 +190,20 @@ class GGUFWeights:
 # float32 offset too; a Q8_0 token embedding on CPU as stored, a Q6_K / Q5_K one like those linear weights; anything
 # else quantized, dequantized to the dtype.
 _LINEAR = re.compile(r"(blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)|output)\.weight$")
-_MERGED = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight$")  # q|k|v and gate|up merge
 _Q4_TYPES = {2, 3, 12}  # Q4_0, Q4_1, Q4_K
 _INT8_GROUPS = {8: 32, 13: 32, 14: 16}  # Q8_0, Q5_K, Q6_K -> group size
 _INT8_ZEROS = {13}  # Q5_K
 
 
 def loaded_bytes(header: GGUFHeader, dtype: str | None = None, device: str = "cpu") -> dict[str, int]:
-    """Bytes each tensor takes once loaded (see above; `dtype` None: float tensors as stored, others float32). The
-    shards of a merged layer that mixes 4-bit and 5/6/8-bit types all become int8 codes on the finest group."""
+    """Bytes each tensor takes once loaded (see above; `dtype` None: float tensors as stored, others float32). A merged
+    layer that mixes 4-bit and 5/6/8-bit shards keeps each in its own format, so tensors count one by one."""
     elem = dtype_bytes(dtype) if dtype is not None else None
-    merged: dict[tuple[str, str], list[GGUFTensor]] = {}
-    for t in header.tensors:
-        if m := _MERGED.match(t.name):
-            merged.setdefault((m.group(1), "qkv" if m.group(2).startswith("attn") else "gu"), []).append(t)
-    as_int8: dict[str, tuple[int, bool]] = {}  # 4-bit shard of a mixed layer -> (group, zeros)
-    for shards in merged.values():
-        types = {t.ggml_type for t in shards}
-        if types & _Q4_TYPES and types & set(_INT8_GROUPS):
-            group = math.gcd(*(_INT8_GROUPS.get(g, 32) for g in types))
-            for t in shards:
-                as_int8[t.name] = (group, True)
     out = {}
     for t in header.tensors:
         g = t.ggml_type
         if g in FLOAT_TYPES:
             out[t.name] = t.numel * elem if elem is not None else t.nbytes
-        elif t.name in as_int8:
-            group, zeros = as_int8[t.name]
-            out[t.name] = t.numel + t.numel // group * (8 if zeros else 4)
         elif len(t.shape) == 2 and _LINEAR.match(t.name) and g in _Q4_TYPES:
             out[t.name] = t.numel * 5 // 8
         elif len(t.shape) == 2 and _LINEAR.match(t.name) and g in _INT8_GROUPS:

@@ -27,7 +27,7 @@ LOGITS_NONE, LOGITS_Q8, LOGITS_INT8 = 0, 1, 2  # decode.c's: how the step comput
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
               "k_cache", "v_cache", "k_scale", "v_scale", "qkv_is", "o_is", "gu_is", "down_is",
-              "qkv_z", "o_z", "gu_z", "down_z", "lin_meta")
+              "qkv_z", "o_z", "gu_z", "down_z", "lin_meta", "qkv2_w", "qkv2_s", "qkv2_z", "gu2_w", "gu2_s", "gu2_z")
 LIN_INT4, LIN_INT8 = 0, 1  # decode.c's LIN_* formats
 
 
@@ -53,16 +53,21 @@ def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -
         return f"activations {dtype} / KV cache {kv_dtype} (needs float32 or bfloat16; KV the same or int8)"
     if arch.hidden_act != "silu" or arch.qk_norm or arch.head_dim % 2 or arch.head_dim > 256:
         return "activation, q/k norm or head size not supported"
+    from turboinfer.layers.quantization import PartsMethod
+
     any_int4 = False
     for layer in layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            qm = lin.quant_method
-            if isinstance(qm, Int4CPUMethod):
-                if qm.out_features % 64:
-                    return "an int4 layer's width is not a multiple of 64"
-                any_int4 = True
-            elif not isinstance(qm, GroupedInt8CPUMethod):
-                return "linear layers are not all packed int4 or group-wise int8"
+            parts = lin.quant_method.methods if isinstance(lin.quant_method, PartsMethod) else [lin.quant_method]
+            if len(parts) > 2 or (len(parts) == 2 and lin in (layer.self_attn.o_proj, layer.mlp.down_proj)):
+                return "a linear layer in more than two formats"
+            for qm in parts:
+                if isinstance(qm, Int4CPUMethod):
+                    if qm.out_features % 64:
+                        return "an int4 layer's width is not a multiple of 64"
+                    any_int4 = True
+                elif not isinstance(qm, GroupedInt8CPUMethod):
+                    return "linear layers are not all packed int4 or group-wise int8"
             if lin is not layer.self_attn.qkv_proj and lin.bias is not None:
                 return "bias outside q/k/v"
     if any_int4 and not _int4pack_layout_ok():
@@ -106,17 +111,29 @@ class CPUDecoder:
             named = dict(in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                          qkv_b=at.qkv_proj.bias, k_cache=at.attn.k_cache, v_cache=at.attn.v_cache,
                          k_scale=at.attn.k_scale, v_scale=at.attn.v_scale)
-            meta = []
+            meta, second = [], []
             for key, lin in (("qkv", at.qkv_proj), ("o", at.o_proj), ("gu", mlp.gate_up_proj), ("down", mlp.down_proj)):
-                qm = lin.quant_method
-                if hasattr(qm, "packed"):  # Int4CPUMethod
-                    named[f"{key}_w"], named[f"{key}_s"], named[f"{key}_is"] = qm.packed, qm.scales_zeros, qm.input_scale
-                    named[f"{key}_z"] = None
-                    meta += [LIN_INT4, qm.group_size]
-                else:  # GroupedInt8CPUMethod
-                    named[f"{key}_w"], named[f"{key}_s"], named[f"{key}_z"] = qm.w.q, qm.w.scale, qm.w.zero
-                    named[f"{key}_is"] = None
-                    meta += [LIN_INT8, qm.group_size]
+                parts = getattr(lin.quant_method, "methods", [lin.quant_method])  # PartsMethod: two formats
+                for i, qm in enumerate(parts):
+                    tag = key if i == 0 else f"{key}2"
+                    if hasattr(qm, "packed"):  # Int4CPUMethod
+                        named[f"{tag}_w"], named[f"{tag}_s"], named[f"{tag}_z"] = qm.packed, qm.scales_zeros, None
+                        if i == 0:
+                            named[f"{tag}_is"] = qm.input_scale
+                        fmt = [LIN_INT4, qm.group_size]
+                    else:  # GroupedInt8CPUMethod
+                        named[f"{tag}_w"], named[f"{tag}_s"], named[f"{tag}_z"] = qm.w.q, qm.w.scale, qm.w.zero
+                        if i == 0:
+                            named[f"{tag}_is"] = None
+                        fmt = [LIN_INT8, qm.group_size]
+                    if i == 0:
+                        meta += fmt
+                    else:
+                        second.append((key, [parts[0].out_features] + fmt))
+                if key in ("qkv", "gu") and len(parts) == 1:
+                    named[f"{key}2_w"] = named[f"{key}2_s"] = named[f"{key}2_z"] = None
+            extra = dict(second)
+            meta += extra.get("qkv", [0, 0, 0]) + extra.get("gu", [0, 0, 0])
             named["lin_meta"] = torch.tensor(meta, dtype=torch.int32)
             self._keep.append(named["lin_meta"])
             for name in LAYER_PTRS:

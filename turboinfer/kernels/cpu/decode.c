@@ -40,9 +40,12 @@ enum { KV_F32, KV_BF16, KV_INT8 };
 enum { LIN_INT4, LIN_INT8 };  /* a linear layer's weight format (see Layouts) */
 enum { P_IN_NORM, P_QKV_W, P_QKV_S, P_QKV_B, P_O_W, P_O_S, P_POST_NORM, P_GU_W, P_GU_S, P_DOWN_W, P_DOWN_S,
        P_K_CACHE, P_V_CACHE, P_K_SCALE, P_V_SCALE, P_QKV_IS, P_O_IS, P_GU_IS, P_DOWN_IS,
-       P_QKV_Z, P_O_Z, P_GU_Z, P_DOWN_Z, P_LIN_META, P_PER_LAYER };
+       P_QKV_Z, P_O_Z, P_GU_Z, P_DOWN_Z, P_LIN_META, P_QKV2_W, P_QKV2_S, P_QKV2_Z, P_GU2_W, P_GU2_S, P_GU2_Z,
+       P_PER_LAYER };
 /* P_*_IS: AWQ input scales [K] float32 of that layer, or NULL: the layer computes (x * s) W^T (int4 only).
- * P_*_Z: an int8 layer's zeros, or NULL. P_LIN_META: int32 [4][2], (format, group) of qkv, o, gate_up, down. */
+ * P_*_Z: an int8 layer's zeros, or NULL. P_LIN_META: int32 [14]: (format, group) of qkv, o, gate_up, down, then
+ * for q|k|v and gate|up (rows of the first part, format and group of the second): rows 0 when there is one part.
+ * P_QKV2_*, P_GU2_*: the second part's weight, scales and zeros. */
 enum { G_FINAL_NORM, G_COS, G_SIN, G_EMB_CODES, G_EMB_SCALES, G_EMB_ZEROS, G_NUM };
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -319,7 +322,7 @@ static void q4_block(const float *x, int ldx, const float *xsum, int ldxs, int m
  * first scaled per input feature into xs. */
 static void q4_matmul(Team *team, const float *x, int M, int K, int N, int group, const uint8_t *w,
                       const uint16_t *sz, const void *bias, int bias_bf16, const float *in_scale, float *xs,
-                      float *y, float *xsum) {
+                      float *y, int ldy, float *xsum) {
     int lo, hi;
     if (in_scale) {
         span(team, M * K, &lo, &hi);
@@ -341,10 +344,10 @@ static void q4_matmul(Team *team, const float *x, int M, int K, int N, int group
         /* consecutive t share a row-block, so its weights are read from memory once and from cache after */
         int nb = t / mchunks, m0 = (t % mchunks) * 4, mc = M - m0 < 4 ? M - m0 : 4;
         q4_block(x + (size_t)m0 * K, K, xsum + (size_t)m0 * (K / group), K / group, mc, K, N, group, w, sz, nb,
-                 y + (size_t)m0 * N, N);
+                 y + (size_t)m0 * ldy, ldy);
         if (bias)
             for (int m = m0; m < m0 + mc; m++)
-                for (int j = nb * 64; j < nb * 64 + 64; j++) y[(size_t)m * N + j] += load_w(bias, j, bias_bf16);
+                for (int j = nb * 64; j < nb * 64 + 64; j++) y[(size_t)m * ldy + j] += load_w(bias, j, bias_bf16);
     }
     barrier(team);
 }
@@ -468,7 +471,7 @@ static void i8_block(const int16_t *xq, const float *dx, const float *xsum, int 
 
 /* Called by every thread of the team. xq: [M, K] int16 scratch; dx: [M]; xsum: [M, K / group]. */
 static void i8_matmul(Team *team, const float *x, int M, int K, int N, int group, const int8_t *q, const float *scale,
-                      const float *zero, const void *bias, int bias_bf16, float *y, float *xsum, int16_t *xq,
+                      const float *zero, const void *bias, int bias_bf16, float *y, int ldy, float *xsum, int16_t *xq,
                       float *dx) {
     int lo, hi;
     const int ng = K / group;
@@ -493,18 +496,21 @@ static void i8_matmul(Team *team, const float *x, int M, int K, int N, int group
         int nb = t / mchunks, m0 = (t % mchunks) * 4, mc = M - m0 < 4 ? M - m0 : 4;
         int n0 = nb * I8_ROWS, n1 = n0 + I8_ROWS < N ? n0 + I8_ROWS : N;
         i8_block(xq + (size_t)m0 * K, dx + m0, xsum + (size_t)m0 * ng, mc, K, group, q, scale, zero, n0, n1,
-                 y + (size_t)m0 * N, N);
+                 y + (size_t)m0 * ldy, ldy);
         if (bias)
             for (int m = m0; m < m0 + mc; m++)
-                for (int j = n0; j < n1; j++) y[(size_t)m * N + j] += load_w(bias, j, bias_bf16);
+                for (int j = n0; j < n1; j++) y[(size_t)m * ldy + j] += load_w(bias, j, bias_bf16);
     }
     barrier(team);
 }
 
-/* One linear layer of the step, whichever its format. */
+/* One linear layer of the step, whichever its format; a merged layer whose shards come in two formats has a second
+ * part (rows from `rows` on, format kind2), which writes the next columns of the same output. */
 typedef struct {
     int kind, group;
     const void *w, *s, *z, *is, *b;
+    int rows, kind2, group2;  /* rows == 0: one part */
+    const void *w2, *s2, *z2;
 } Lin;
 
 typedef struct {
@@ -512,12 +518,24 @@ typedef struct {
     int16_t *xq;
 } LinScratch;
 
+static void linear_part(Team *team, int kind, int group, const void *w, const void *s, const void *z, const void *is,
+                        const void *b, int bias_bf16, const float *x, int M, int K, int N, const LinScratch *ws,
+                        float *y, int ldy) {
+    if (kind == LIN_INT8)
+        i8_matmul(team, x, M, K, N, group, w, s, z, b, bias_bf16, y, ldy, ws->xsum, ws->xq, ws->dx);
+    else
+        q4_matmul(team, x, M, K, N, group, w, s, b, bias_bf16, is, ws->xs, y, ldy, ws->xsum);
+}
+
 static void linear(Team *team, const Lin *l, const float *x, int M, int K, int N, int bias_bf16, const LinScratch *ws,
                    float *y) {
-    if (l->kind == LIN_INT8)
-        i8_matmul(team, x, M, K, N, l->group, l->w, l->s, l->z, l->b, bias_bf16, y, ws->xsum, ws->xq, ws->dx);
-    else
-        q4_matmul(team, x, M, K, N, l->group, l->w, l->s, l->b, bias_bf16, l->is, ws->xs, y, ws->xsum);
+    const int n1 = l->rows ? l->rows : N;
+    linear_part(team, l->kind, l->group, l->w, l->s, l->z, l->is, l->b, bias_bf16, x, M, K, n1, ws, y, N);
+    if (l->rows) {
+        const void *b2 = l->b ? (const char *)l->b + (size_t)n1 * (bias_bf16 ? 2 : 4) : NULL;
+        linear_part(team, l->kind2, l->group2, l->w2, l->s2, l->z2, NULL, b2, bias_bf16, x, M, K, N - n1, ws, y + n1,
+                    N);
+    }
 }
 
 /* Standalone entry for an int8 layer outside the step (prefill of a few tokens, models the step does not take).
@@ -538,7 +556,8 @@ static void linear_body(void *arg, Team *team) {
 int ti_int8_matmul(const float *x, int M, int K, int N, int group, const int8_t *q, const float *scale,
                    const float *zero, float *y, float *work, int nthreads) {
     if ((group != 16 && group != 32) || K % 32) return -1;
-    LinCall c = {{LIN_INT8, group, q, scale, zero, NULL, NULL}, x, M, K, N, y, {NULL, work, NULL, NULL}};
+    LinCall c = {{LIN_INT8, group, q, scale, zero, NULL, NULL, 0, 0, 0, NULL, NULL, NULL}, x, M, K, N, y,
+                 {NULL, work, NULL, NULL}};
     c.ws.dx = work + (size_t)M * (K / 16);
     c.ws.xq = (int16_t *)(c.ws.dx + M + 1);
     pthread_mutex_lock(&step_mu);
@@ -902,10 +921,13 @@ static void step_body(void *arg, Team *team) {
     for (int l = 0; l < L; l++) {
         void *const *p = c->ptrs + (size_t)l * P_PER_LAYER;
         const int32_t *meta = p[P_LIN_META];
-        const Lin qkv = {meta[0], meta[1], p[P_QKV_W], p[P_QKV_S], p[P_QKV_Z], p[P_QKV_IS], p[P_QKV_B]};
-        const Lin o = {meta[2], meta[3], p[P_O_W], p[P_O_S], p[P_O_Z], p[P_O_IS], NULL};
-        const Lin gu = {meta[4], meta[5], p[P_GU_W], p[P_GU_S], p[P_GU_Z], p[P_GU_IS], NULL};
-        const Lin down = {meta[6], meta[7], p[P_DOWN_W], p[P_DOWN_S], p[P_DOWN_Z], p[P_DOWN_IS], NULL};
+        const Lin qkv = {meta[0], meta[1], p[P_QKV_W], p[P_QKV_S], p[P_QKV_Z], p[P_QKV_IS], p[P_QKV_B],
+                         meta[8], meta[9], meta[10], p[P_QKV2_W], p[P_QKV2_S], p[P_QKV2_Z]};
+        const Lin o = {meta[2], meta[3], p[P_O_W], p[P_O_S], p[P_O_Z], p[P_O_IS], NULL, 0, 0, 0, NULL, NULL, NULL};
+        const Lin gu = {meta[4], meta[5], p[P_GU_W], p[P_GU_S], p[P_GU_Z], p[P_GU_IS], NULL,
+                        meta[11], meta[12], meta[13], p[P_GU2_W], p[P_GU2_S], p[P_GU2_Z]};
+        const Lin down = {meta[6], meta[7], p[P_DOWN_W], p[P_DOWN_S], p[P_DOWN_Z], p[P_DOWN_IS], NULL,
+                          0, 0, 0, NULL, NULL, NULL};
         for (int m = 0; m < M && tid == 0; m++) {
             float *xm = x + (size_t)m * H, *rm = res + (size_t)m * H;
             if (l == 0) memcpy(rm, xm, sizeof(float) * H);
@@ -976,7 +998,7 @@ static void step_body(void *arg, Team *team) {
         q8_logits(team, x, M, H, dims[D_VOCAB], glob[G_EMB_CODES], glob[G_EMB_SCALES], c->logits, c->ws.xq, c->ws.dx);
     else if (dims[D_LOGITS] == LOGITS_INT8)
         i8_matmul(team, x, M, H, dims[D_VOCAB], dims[D_LOGITS_GROUP], glob[G_EMB_CODES], glob[G_EMB_SCALES],
-                  glob[G_EMB_ZEROS], NULL, 0, c->logits, c->ws.xsum, c->ws.xq, c->ws.dx);
+                  glob[G_EMB_ZEROS], NULL, 0, c->logits, dims[D_VOCAB], c->ws.xsum, c->ws.xq, c->ws.dx);
 }
 
 int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs, int M, float *x,

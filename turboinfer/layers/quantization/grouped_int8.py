@@ -83,13 +83,6 @@ class GroupedInt8Weight:
         return GroupedInt8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, g)
 
 
-def from_q4(w) -> GroupedInt8Weight:
-    """A 4-bit Q4Weight (no AWQ input scale) as codes 0..15 in int8: the same numbers, one byte each."""
-    if w.input_scale is not None:
-        raise ValueError("a 4-bit shard with input scales cannot join an int8 layer")
-    return GroupedInt8Weight(w.q.to(torch.int8), w.scale.float(), w.zero.float(), w.group_size)
-
-
 def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
