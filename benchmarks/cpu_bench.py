@@ -55,6 +55,14 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
+def write_record(path: str, record: dict) -> None:
+    """The JSON that benchmarks/report.py renders, and the same on stdout."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(json.dumps(record, indent=2))
+
+
 def bench_turboinfer(model: str, threads: int, ids: list[int], prompt: list[int], **engine_kwargs) -> dict:
     from turboinfer import LLM, SamplingParams
 
@@ -229,10 +237,7 @@ def main() -> None:
     record = {"benchmark": "cpu_default_model", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "machine": machine(), "model": resolved.display_name,
               "threads": args.threads, "text_tokens": len(ids), "results": results}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=2)
-    print(json.dumps(record, indent=2))
+    write_record(args.json, record)
 
 
 if __name__ == "__main__":

@@ -78,10 +78,7 @@ def main() -> None:
     record = {"benchmark": "cpu_gguf_types", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "machine": cpu_bench.machine(), "threads": args.threads,
               "text_tokens": len(ids), "results": results}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=2)
-    print(json.dumps(record, indent=2))
+    cpu_bench.write_record(args.json, record)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,12 @@ def _check_x_bias(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> None:
                          f"{tuple(bias.shape)} on {bias.device}")
 
 
+def _check_int8_weight(qweight: torch.Tensor, k: int) -> None:
+    if qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != k or qweight.stride(1) != 1:
+        raise ValueError(f"qweight must be a [N, {k}] int8 tensor with contiguous rows, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)} strides {qweight.stride()}")
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias), W[n, k] = q[n, k] * scale[k // g, n] + zero[k // g, n]: x [M, K] float, qweight
@@ -157,20 +163,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     for name, t in (("qweight", qweight), ("scale", scale), ("zero", zero)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, expected {x.device}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    block_m, block_n, block_k, num_warps = matmul_tiles(m, group_size)
-    upcast, dot_prec = dot_config(x.dtype, x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _group_matmul_kernel[grid](
-        x, qweight, scale, zero, y if bias is None else bias, y, m, n, k,
-        x.stride(0), qweight.stride(0), scale.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PREC=dot_prec, INT8=False, HAS_ZERO=True,
-        num_warps=num_warps, num_stages=3,
-    )
-    return y
+    return _launch_grouped(x, qweight, scale, zero, group_size, bias, int8=False)
 
 
 def grouped_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -180,9 +173,7 @@ def grouped_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     n = qweight.shape[0]
     _check_x_bias(x, n, bias)
     m, k = x.shape
-    if qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != k or qweight.stride(1) != 1:
-        raise ValueError(f"qweight must be a [N, {k}] int8 tensor with contiguous rows, got {qweight.dtype} "
-                         f"{tuple(qweight.shape)} strides {qweight.stride()}")
+    _check_int8_weight(qweight, k)
     if group_size < 16 or group_size & (group_size - 1) or k % group_size:
         raise ValueError(f"group_size must be a power of two >= 16 dividing K = {k}, got {group_size}")
     for name, t in (("scale", scale), ("zero", zero)):
@@ -192,6 +183,12 @@ def grouped_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
                              f"{x.device}, got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
     if qweight.device != x.device:
         raise ValueError(f"qweight is on {qweight.device}, expected {x.device}")
+    return _launch_grouped(x, qweight, scale, zero, group_size, bias, int8=True)
+
+
+def _launch_grouped(x, qweight, scale, zero, group_size: int, bias, int8: bool) -> torch.Tensor:
+    """The group-wise kernel over int4 (two codes a byte) or int8 codes; the arguments are checked by the caller."""
+    m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -202,7 +199,7 @@ def grouped_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
         x, qweight, scale, scale if zero is None else zero, y if bias is None else bias, y, m, n, k,
         x.stride(0), qweight.stride(0), scale.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PREC=dot_prec, INT8=True, HAS_ZERO=zero is not None,
+        HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PREC=dot_prec, INT8=int8, HAS_ZERO=zero is not None,
         num_warps=num_warps, num_stages=3,
     )
     return y
@@ -215,9 +212,7 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     n = qweight.shape[0]
     _check_x_bias(x, n, bias)
     m, k = x.shape
-    if qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != k or qweight.stride(1) != 1:
-        raise ValueError(f"qweight must be a [N, {k}] int8 tensor with contiguous rows, got {qweight.dtype} "
-                         f"{tuple(qweight.shape)} strides {qweight.stride()}")
+    _check_int8_weight(qweight, k)
     if scale.shape != (n,) or scale.dtype not in FLOAT_DTYPES or scale.stride(0) != 1:
         raise ValueError(f"scale must be a contiguous float [{n}] tensor, got {scale.dtype} {tuple(scale.shape)}")
     for name, t in (("qweight", qweight), ("scale", scale)):

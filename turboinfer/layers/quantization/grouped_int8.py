@@ -23,14 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from turboinfer.errors import UnsupportedModelError
-from turboinfer.loader.gguf_dequant import (
-    Q5_K,
-    Q6_K,
-    Q8_0,
-    QK_K,
-    _k_low_nibbles,
-    _k_scales,
-)
+from turboinfer.loader.gguf_dequant import Q5_K, Q6_K, Q8_0, QK_K, _f16, _k_low_nibbles, _k_scales
 
 GROUPED_INT8_TYPES = (Q8_0, Q5_K, Q6_K)
 C_KERNEL_MAX_ROWS = 16  # up to this many rows of x the C kernel runs; beyond, dequantize-and-matmul is faster
@@ -81,10 +74,6 @@ class GroupedInt8Weight:
         if any(p.zero is not None for p in parts):
             zero = torch.cat([p.zero if p.zero is not None else torch.zeros_like(p.scale) for p in parts])
         return GroupedInt8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, g)
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).float()
 
 
 def decompose_grouped_int8(qtype: int, raw: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> GroupedInt8Weight:
