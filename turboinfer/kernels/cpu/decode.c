@@ -127,11 +127,11 @@ static struct {
     pthread_cond_t cv;
     int num_workers, active, pid;
     atomic_uint generation;
-    atomic_int finished;
+    atomic_int finished, idle_spins;  /* idle_spins: how long workers spin for the next job after this one */
     void (*fn)(void *, Team *);
     void *arg;
     Barrier bar;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL, NULL, {0, 0}};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL, NULL, {0, 0}};
 static pthread_mutex_t step_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void *worker_main(void *arg) {
@@ -139,9 +139,12 @@ static void *worker_main(void *arg) {
     int tid = (int)((uintptr_t)arg & 0xffff);
     unsigned seen = (unsigned)((uintptr_t)arg >> 16);
     for (;;) {
-        unsigned g;
-        for (int i = 0; i < IDLE_SPINS && (g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; i++)
+        const int spins = atomic_load_explicit(&pool.idle_spins, memory_order_relaxed);
+        unsigned g = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        for (int i = 0; i < spins && g == seen; i++) {
             cpu_relax();
+            g = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        }
         if (g == seen) {
             pthread_mutex_lock(&pool.mu);
             while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
@@ -163,8 +166,10 @@ static void after_fork_in_child(void) {  /* the workers did not come along */
     pool.num_workers = 0;
 }
 
-/* Run fn on nthreads threads (this one included); returns when all have finished. */
-static void run_team(int nthreads, void (*fn)(void *, Team *), void *arg) {
+/* Run fn on nthreads threads (this one included); returns when all have finished. Afterwards the workers spin for
+ * idle_spins pauses before they sleep: decode steps follow each other within a millisecond, but a kernel called in
+ * the middle of torch ops (prefill) passes 0, or the spinning workers would slow torch's own threads. */
+static void run_team(int nthreads, void (*fn)(void *, Team *), void *arg, int idle_spins) {
     nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
     if (pool.pid != getpid()) {
         if (pool.pid == 0) pthread_atfork(NULL, NULL, after_fork_in_child);
@@ -186,6 +191,7 @@ static void run_team(int nthreads, void (*fn)(void *, Team *), void *arg) {
     pool.fn = fn;
     pool.arg = arg;
     pool.active = nthreads;
+    atomic_store(&pool.idle_spins, idle_spins);
     atomic_store(&pool.finished, 0);
     atomic_store(&pool.bar.count, 0);
     atomic_store(&pool.bar.sense, 0);
@@ -414,7 +420,7 @@ int ti_int4_to_bf16(const uint8_t *w, const uint16_t *sz, int N, int K, int grou
     if (N % 64 || K % group || nb0 < 0 || nb1 > N / 64 || nb0 > nb1) return -1;
     Dequant4 c = {w, sz, N, K, group, nb0, nb1, ldo, out};
     pthread_mutex_lock(&step_mu);
-    run_team(nthreads, dequant4_body, &c);
+    run_team(nthreads, dequant4_body, &c, 0);
     pthread_mutex_unlock(&step_mu);
     return 0;
 }
@@ -561,7 +567,7 @@ int ti_int8_matmul(const float *x, int M, int K, int N, int group, const int8_t 
     c.ws.dx = work + (size_t)M * (K / 16);
     c.ws.xq = (int16_t *)(c.ws.dx + M + 1);
     pthread_mutex_lock(&step_mu);
-    run_team(nthreads, linear_body, &c);
+    run_team(nthreads, linear_body, &c, 0);
     pthread_mutex_unlock(&step_mu);
     return 0;
 }
@@ -1027,7 +1033,7 @@ int ti_decode_step(const int64_t *dims, const float *fparams, void *const *ptrs,
     c.nsplit = (4 * nthreads + M * nkv - 1) / (M * nkv);
     c.nsplit = c.nsplit < 1 ? 1 : c.nsplit > MAX_SPLITS ? MAX_SPLITS : c.nsplit;
     pthread_mutex_lock(&step_mu);
-    run_team(nthreads, step_body, &c);
+    run_team(nthreads, step_body, &c, IDLE_SPINS);
     pthread_mutex_unlock(&step_mu);
     return 0;
 }
