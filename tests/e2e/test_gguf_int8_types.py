@@ -93,10 +93,17 @@ def test_generates_the_same_answer(packed, exact):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_keeps_the_mix_quantized(mixed_path, exact):
-    """On CUDA the same file runs through the Triton dequant-matmuls (int4 and int8 codes), not dequantized."""
+def test_cuda_keeps_the_mix_quantized(request):
+    """On CUDA the same file runs through the Triton dequant-matmuls (int4 and int8 codes), not dequantized. (A GPU
+    machine without a network has no default model to rewrite unless its cache was copied there: then it skips.)"""
+    from turboinfer.errors import TurboInferError
     from turboinfer.layers.quantization.grouped_int8 import GroupedInt8TritonMethod
     from turboinfer.layers.quantization.q4 import Int4TritonMethod
+
+    try:
+        mixed_path, exact = request.getfixturevalue("mixed_path"), request.getfixturevalue("exact")
+    except (TurboInferError, OSError) as e:
+        pytest.skip(f"the default model is not available here: {e}")
 
     gpu = LLM(mixed_path, device="cuda", dtype="float32", max_model_len=512, kv_cache_memory="256MiB")
     layers = gpu.engine.runner.model.model.layers
