@@ -47,8 +47,7 @@ class VocabEmbedding(nn.Module):
         # [K // 32, N] float16: the file's own scales, exact (lookups and the C decode step read them; the int8
         # kernel gets one group's in bf16 at a time, so no second copy of all of them is kept)
         self.group_scales: torch.Tensor | None = None
-        self.grouped = None  # a Q6_K / Q5_K table: GroupedInt8Weight [vocab, hidden]
-        self.grouped_method = None  # and its matmul, for a tied output projection
+        self.grouped_method = None  # a Q6_K / Q5_K table: its int8 method (weight .w), also the tied projection
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         if isinstance(loaded, PackedQ8_0):
@@ -60,7 +59,6 @@ class VocabEmbedding(nn.Module):
                 raise ModelLoadError(f"embedding shape {tuple(loaded.shape)} does not match the model's "
                                      f"{tuple(self.weight.shape)}")
             self.grouped_method = grouped_int8_method(loaded, self.weight.device)
-            self.grouped = self.grouped_method.w  # on the device, float32 scales
             self.weight = nn.Parameter(torch.empty(0, device=self.weight.device), requires_grad=False)
             return None
         if tuple(loaded.shape) != tuple(param.shape):
@@ -84,8 +82,8 @@ class VocabEmbedding(nn.Module):
         return self.codes is not None
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.grouped is not None:
-            w = self.grouped
+        if self.grouped_method is not None:
+            w = self.grouped_method.w  # GroupedInt8Weight [vocab, hidden] on the device
             rows = type(w)(w.q[ids], w.scale[ids], None if w.zero is None else w.zero[ids], w.group_size)
             return rows.dequantize().to(dtype or torch.float32)
         if self.codes is None:
