@@ -183,3 +183,23 @@ def test_int4_prefill_in_bf16_uses_dense_weights(monkeypatch):
         ref = x.float() @ w.dequantize().t() + layer.bias.float()
         _assert_bf16_close(y, ref.to(torch.bfloat16))
     assert calls == [48]
+
+
+def test_awq_clip_search_never_worse_per_group():
+    """search_clip keeps, per (row, group), the clamp range with the smallest output error on the sample; r = 1 (no
+    clamp) is among the candidates, so no group's error grows, and heavy-tailed weights (where a min-max grid is
+    stretched by a few large values) gain overall."""
+    from turboinfer.layers.quantization.awq import search_clip
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(48, 128, generator=g).pow(3) * 0.05
+    x = torch.randn(64, 128, generator=g)
+
+    def group_err(weights: torch.Tensor) -> torch.Tensor:
+        d = (quantize_q4(weights, 32).dequantize() - w).view(48, 4, 32)
+        return torch.einsum("ngk,sgk->sng", d, x.view(64, 4, 32)).pow(2).mean(0)
+
+    clipped = search_clip(w, x, 32)
+    assert (clipped.abs() <= w.abs() + 1e-7).all()  # only ever clamps
+    assert (group_err(clipped) <= group_err(w) * (1 + 1e-5)).all()
+    assert group_err(clipped).sum() < 0.9 * group_err(w).sum()

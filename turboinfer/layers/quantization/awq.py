@@ -7,7 +7,12 @@ at run time) gives those columns a finer effective grid. Per layer, s = mean|x|^
 grid to minimise || X W^T - X (Q(W diag(s)) diag(1/s))^T || on inputs recorded while the float model reads a
 short calibration text. alpha = 0 is plain round-to-nearest, so on those inputs the search never does worse.
 Unlike the paper, 1/s is not folded into the preceding norm: the layer multiplies it into x (one elementwise
-op), which works for every layer, o_proj and down_proj included."""
+op), which works for every layer, o_proj and down_proj included.
+
+Then, as the paper's implementation does, each group's range is clipped: for every output row and group the
+weights are clamped to [-r, r] x max|w| for r in CLIP_GRID before rounding, and the r with the smallest output
+error of that group on the same inputs is kept (r = 1 is no clipping, so again never worse on those inputs). A
+narrower range gives the bulk of the weights a finer grid at the cost of a few outliers."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from turboinfer.layers.quantization.q4 import Q4Weight, quantize_q4
 
 MAX_CALIBRATION_TOKENS = 512
 ALPHA_GRID = [i / 20 for i in range(21)]  # 0, 0.05, ..., 1
+CLIP_GRID = [1 - i / 20 for i in range(11)]  # 1, 0.95, ..., 0.5
+CLIP_ROWS = 1024  # output rows searched at a time (bounds the [sample, rows, groups] error tensor)
 
 
 @dataclass
@@ -113,6 +120,33 @@ def search_scale(w: torch.Tensor, stats: InputStats, group_size: int) -> torch.T
     return best_s
 
 
+def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """-> w clamped per (row, group) to the range in CLIP_GRID x max|w| that minimises that group's output error
+    ||x_g (Q(w_g) - w_g)^T||^2 over the rows of x. w: [N, K], x: [S, K] (the inputs w sees)."""
+    n, k = w.shape
+    xg = x.view(x.shape[0], k // group_size, group_size)
+    out = torch.empty_like(w)
+    for r0 in range(0, n, CLIP_ROWS):
+        wr = w[r0:r0 + CLIP_ROWS]
+        wg = wr.view(wr.shape[0], k // group_size, group_size)
+        amax = wg.abs().amax(-1, keepdim=True)
+        best_err = best = None
+        for ratio in CLIP_GRID:
+            bound = amax * ratio
+            clipped = torch.maximum(torch.minimum(wg, bound), -bound)
+            dq = quantize_q4(clipped.reshape(wr.shape), group_size).dequantize().view_as(wg)
+            err = torch.einsum("ngk,sgk->sng", dq - wg, xg).pow(2).mean(0)  # [rows, groups]
+            if best is None:
+                best_err, best = err, clipped
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better[..., None], clipped, best)
+        out[r0:r0 + CLIP_ROWS] = best.reshape(wr.shape)
+    return out
+
+
 def quantize_awq(w: torch.Tensor, stats: InputStats, group_size: int) -> Q4Weight:
     s = search_scale(w, stats, group_size)
-    return replace(quantize_q4(w.float() * s, group_size), input_scale=1.0 / s)
+    scaled = search_clip(w.float() * s, stats.sample.to(w.device).float() / s, group_size)
+    return replace(quantize_q4(scaled, group_size), input_scale=1.0 / s)
