@@ -475,6 +475,25 @@ static void i8_block(const int16_t *xq, const float *dx, const float *xsum, int 
     }
 }
 
+/* Rows lo .. hi - 1 of x [*, K] as int16: xq = round(x / dx) with dx = max|x| / 32767 per row (|error| <= max|x| /
+ * 65534, finer than the bf16 rounding of torch's kernels). With xsum, also the float sum of each group of `group`
+ * inputs (xsum [*, K / group]), which carries a layer's zero points exactly. */
+static void quantize_rows(const float *x, int lo, int hi, int K, int group, int16_t *xq, float *dx, float *xsum) {
+    for (int m = lo; m < hi; m++) {
+        const float *xm = x + (size_t)m * K;
+        float amax = 0;
+        for (int i = 0; i < K; i++) amax = fabsf(xm[i]) > amax ? fabsf(xm[i]) : amax;
+        dx[m] = amax > 0 ? amax / 32767.f : 1.f;
+        for (int i = 0; i < K; i++) xq[(size_t)m * K + i] = (int16_t)lrintf(xm[i] / dx[m]);
+        if (xsum)
+            for (int g = 0; g < K / group; g++) {
+                float t = 0;
+                for (int k = g * group; k < (g + 1) * group; k++) t += xm[k];
+                xsum[(size_t)m * (K / group) + g] = t;
+            }
+    }
+}
+
 /* Called by every thread of the team. xq: [M, K] int16 scratch; dx: [M]; xsum: [M, K / group]. */
 static void i8_matmul(Team *team, const float *x, int M, int K, int N, int group, const int8_t *q, const float *scale,
                       const float *zero, const void *bias, int bias_bf16, float *y, int ldy, float *xsum, int16_t *xq,
@@ -482,19 +501,7 @@ static void i8_matmul(Team *team, const float *x, int M, int K, int N, int group
     int lo, hi;
     const int ng = K / group;
     span(team, M, &lo, &hi);
-    for (int m = lo; m < hi; m++) {
-        const float *xm = x + (size_t)m * K;
-        float amax = 0;
-        for (int i = 0; i < K; i++) amax = fabsf(xm[i]) > amax ? fabsf(xm[i]) : amax;
-        dx[m] = amax > 0 ? amax / 32767.f : 1.f;
-        for (int i = 0; i < K; i++) xq[(size_t)m * K + i] = (int16_t)lrintf(xm[i] / dx[m]);
-        if (zero)
-            for (int g = 0; g < ng; g++) {
-                float t = 0;
-                for (int k = g * group; k < (g + 1) * group; k++) t += xm[k];
-                xsum[(size_t)m * ng + g] = t;
-            }
-    }
+    quantize_rows(x, lo, hi, K, group, xq, dx, zero ? xsum : NULL);
     barrier(team);
     int nblocks = (N + I8_ROWS - 1) / I8_ROWS, mchunks = (M + 3) / 4;
     span(team, nblocks * mchunks, &lo, &hi);
@@ -623,12 +630,8 @@ static void q8_logits(Team *team, const float *x, int M, int H, int V, const int
                       float *out, int16_t *xq, float *dx) {
     int nchunks = V / LOGIT_ROWS, lo, hi;
 #ifdef __AVX512BW__
-    for (int m = 0; m < M && team->tid == 0; m++) {
-        float amax = 0;
-        for (int i = 0; i < H; i++) amax = fabsf(x[(size_t)m * H + i]) > amax ? fabsf(x[(size_t)m * H + i]) : amax;
-        dx[m] = amax > 0 ? amax / 32767.f : 1.f;
-        for (int i = 0; i < H; i++) xq[(size_t)m * H + i] = (int16_t)lrintf(x[(size_t)m * H + i] / dx[m]);
-    }
+    span(team, M, &lo, &hi);
+    quantize_rows(x, lo, hi, H, 32, xq, dx, NULL);
     barrier(team);
     int mpairs = (M + 1) / 2;
     span(team, nchunks * mpairs, &lo, &hi);

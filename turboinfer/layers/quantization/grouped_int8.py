@@ -5,8 +5,8 @@ w = q * scale + zero, q int8. Each type converts without loss (the float32 arith
   Q5_K: group 32, scale = d * sc,    zero = -dmin * mn,  q the 5-bit code (sc, mn: 6-bit sub-block scale and min)
 The codes take one byte a weight (Q6_K and Q5_K pack 6 and 5 bits in the file, so they grow by 1.3x and 1.4x; a
 float32 copy would be 4.9x and 5.8x), plus a float32 scale per group. A merged layer whose shards mix these with
-4-bit ones (llama.cpp's Q4_K_M files keep some attn_v and ffn_down in Q6_K) takes the 4-bit shards as codes 0..15
-with their own scale and zero, also exactly.
+4-bit ones (llama.cpp's Q4_K_M files keep some attn_v in Q6_K beside Q4_K q and k) keeps each run of shards in its
+own format (layers/quantization SplitWeight).
 
 The matmul: on CPU the C kernel (`kernels/cpu/decode.c`, x quantized to int16 per row, int16 multiply-adds per
 group) for a few rows, and for more rows (prefill) the float weight is rebuilt a block of output rows at a time and

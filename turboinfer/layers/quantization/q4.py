@@ -126,8 +126,8 @@ class Int4CPUMethod:
 
     Prefill in bfloat16 (at least DENSE_MIN_ROWS rows) goes another way when the C kernels are built: blocks of
     the weight are converted to bf16 (`kernels/cpu` ti_int4_to_bf16, transposed, 8 MiB at a time) and multiplied by
-    torch's dense bf16 matmul, which on CPUs with bf16 dot products runs 3-4x faster than the int4 kernel (measured
-    on a 512 x 576 x 3072 layer: 2.4 ms against 8.5 ms). The weights are then rounded to bf16 (relative 2^-9), as a
+    torch's dense bf16 matmul, which on CPUs with bf16 dot products is about 2x the int4 kernel, conversion included
+    (a 512 x 576 x 3072 layer: 4.0 ms against 8.2 ms). The weights are then rounded to bf16 (relative 2^-9), as a
     bf16 model's are; float32 compute keeps the int4 kernel."""
 
     def __init__(self, w: Q4Weight, device: torch.device) -> None:
