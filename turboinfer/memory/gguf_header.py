@@ -206,11 +206,10 @@ def loaded_bytes(header: GGUFHeader, dtype: str | None = None, device: str = "cp
             out[t.name] = t.numel * elem if elem is not None else t.nbytes
         elif len(t.shape) == 2 and _LINEAR.match(t.name) and g in _Q4_TYPES:
             out[t.name] = t.numel * 5 // 8
-        elif len(t.shape) == 2 and _LINEAR.match(t.name) and g in _INT8_GROUPS:
-            out[t.name] = t.numel + t.numel // _INT8_GROUPS[g] * (8 if g in _INT8_ZEROS else 4)
         elif t.name == "token_embd.weight" and g == 8 and device == "cpu":
             out[t.name] = t.nbytes
-        elif t.name == "token_embd.weight" and g in _INT8_GROUPS and device == "cpu":
+        elif g in _INT8_GROUPS and (len(t.shape) == 2 and _LINEAR.match(t.name) or
+                                    t.name == "token_embd.weight" and device == "cpu"):
             out[t.name] = t.numel + t.numel // _INT8_GROUPS[g] * (8 if g in _INT8_ZEROS else 4)
         else:
             out[t.name] = t.numel * (elem or 4)
