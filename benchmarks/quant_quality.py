@@ -1,7 +1,7 @@
 """Perplexity of weight quantization on the default model: float32 against int8 and int4 (round-to-nearest, AWQ,
-GPTQ) at several group sizes, over benchmarks/data/lighthouses.txt.
+GPTQ) at several group sizes, over the whole of benchmarks/data/lighthouses.txt (1,141 tokens).
 
-    python benchmarks/quant_quality.py [--model ALIAS_OR_PATH] [--tokens 512] [--group-sizes 32,64,128]
+    python benchmarks/quant_quality.py [--model ALIAS_OR_PATH] [--tokens N] [--group-sizes 32,64,128]
                                        [--threads 1] [--json benchmarks/results/quant_quality_cpu.json]
 
 The float weights are a GGUF's dequantized to float32 (the default model ships only as Q4_1 GGUF), then quantized
@@ -49,7 +49,7 @@ def configurations(group_sizes: list[int]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--tokens", type=int, default=512, help="leading tokens of the text to score")
+    ap.add_argument("--tokens", type=int, default=0, help="score only the first N tokens of the text (0: all)")
     ap.add_argument("--group-sizes", default="32,64,128")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "quant_quality_cpu.json"))
@@ -66,7 +66,7 @@ def main() -> None:
 
     resolved = resolve_model(args.model)
     tokenizer = load_tokenizer(resolved)
-    ids = tokenizer.encode(open(TEXT).read(), add_special_tokens=False)[:args.tokens]
+    ids = tokenizer.encode(open(TEXT).read(), add_special_tokens=False)[:args.tokens or None]
     device = torch.device("cpu")
     model = build_model(load_arch(resolved), device, torch.float32)
     load_weights_into(model, resolved, device, keep_packed=False)  # GGUF 4-bit blocks -> float32

@@ -39,8 +39,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
     (on SmolLM2-135M it cut the calibration output error 3x while raising it on held-out text above round-to-
     nearest's). With a diagonal H GPTQ is plain round-to-nearest, so channel_damp trades the two off; of 0, 0.03,
     0.05, 0.1, 0.25, 0.4 and 1.5, about 0.1 did best on held-out text (group 64, tokens 600-1112 of
-    benchmarks/data/lighthouses.txt, apart from the 512 that docs/quantization.md reports): perplexity +9% over
-    float against +35% undamped."""
+    benchmarks/data/lighthouses.txt scored on their own): perplexity +9% over float against +35% undamped."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
