@@ -13,7 +13,8 @@ extra peak while a GGUF file is read and unpacked during loading is reported sep
 
 The load row (`load` in the JSON) checks the bar "resident memory after loading the default GGUF <= 1.3x the file
 size plus the KV pool". A fresh process reads VmRSS and /proc/self/smaps_rollup right after `import torch,
-turboinfer` (the interpreter and torch's libraries are not the model), then after `LLM(...)` returns:
+tokenizers, turboinfer` (the interpreter and the engine's libraries are not the model: importing tokenizers alone
+maps ~5 MiB of its code, whatever the model), then after `LLM(...)` returns:
     load_rss_ratio  = (VmRSS after - VmRSS before - KV pool bytes) / file size
     load_anon_ratio = the same with anonymous memory only, i.e. without the pages of shared libraries (torch,
                       tokenizers) that loading runs for the first time; no file is mapped after loading
@@ -70,6 +71,7 @@ print(json.dumps({"peak_rss": peak, "peak_rss_after_load": after_load, "estimate
                   "dtype": str(w.dtype).replace("torch.", "")}))
 """
 
+BASELINE = "import torch, tokenizers, turboinfer"  # what the load probe imports before its first reading
 LOAD_PROBE = r"""
 import json, os, sys
 def status(key):
@@ -77,7 +79,7 @@ def status(key):
 def anon_file():
     kb = {l.split()[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/smaps_rollup') if l.endswith('kB\n')}
     return kb['Anonymous:'], kb['Rss:'] - kb['Anonymous:']
-import torch, turboinfer
+%s
 torch.set_num_threads(1)
 rss0, (anon0, file0) = status('VmRSS'), anon_file()
 open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS: the peak read below is loading's
@@ -96,10 +98,12 @@ print(json.dumps({"rss_before": rss0, "rss_after_load": rss1, "anon_increase": a
 
 def measure_load(model: str = "smollm2-135m-instruct") -> dict:
     """The load row: resident memory a fresh process gains by loading `model` (see the module docstring)."""
-    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, model], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", LOAD_PROBE % BASELINE, model], capture_output=True, text=True,
+                         check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     rest = r["rss_after_load"] - r["rss_before"] - r["kv_bytes"]
-    r.update(model=model, max_model_len=512, max_num_seqs=1, threads=1, load_rss_ratio=rest / r["file_bytes"],
+    r.update(model=model, baseline=BASELINE, max_model_len=512, max_num_seqs=1, threads=1,
+             load_rss_ratio=rest / r["file_bytes"],
              load_anon_ratio=(r["anon_increase"] - r["kv_bytes"]) / r["file_bytes"])
     return r
 

@@ -187,5 +187,6 @@ def create_worker(cfg: EngineConfig) -> Worker:
     runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
                          seed=cfg.seed, attention_backend=attention_backend, max_num_seqs=cfg.max_num_seqs,
                          max_seq_len=max_len, cuda_graphs=device.startswith("cuda") and not cfg.enforce_eager)
+    release_load_memory()  # again: the full-length rotary tables and the runner's set-up temporaries are freed now
     return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,
                   num_packed)
