@@ -51,8 +51,20 @@ def machine() -> dict:
                 open(f"{d}/size").read().strip()
         except OSError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "caches": caches, "python": platform.python_version(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "caches": caches, "python": platform.python_version(),
             "torch": torch.__version__}
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        info["amx"] = "amx_tile" in flags
+    except (OSError, StopIteration):
+        pass
+    try:  # what llama.cpp was built with (e.g. without AMX where its AMX kernels crash): part of the anchor
+        import llama_cpp
+
+        info["llama_cpp_features"] = llama_cpp.llama_print_system_info().decode().strip(" |")
+    except (ImportError, AttributeError, OSError):
+        pass
+    return info
 
 
 def write_record(path: str, record: dict) -> None:
@@ -170,6 +182,9 @@ def bench_hf(gguf_path: str, threads: int, ids: list[int], prompt: list[int]) ->
 def bench_llama_cpp(gguf_path: str, threads: int, ids: list[int], prompt: list[int]) -> dict:
     from llama_cpp import Llama
 
+    from turboinfer.bench.compare import check_llama_cpp
+
+    check_llama_cpp(gguf_path, threads)  # a build that crashes here fails with a message, not a segfault
     llm = Llama(gguf_path, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 logits_all=True, verbose=False)
     llm.reset()

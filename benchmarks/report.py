@@ -69,6 +69,10 @@ def render_cpu_default_model(r: dict) -> str:
                       f"and {100 * (ours['perplexity'] / lc['perplexity'] - 1):+.2f}% (packed path) vs llama.cpp")
     ratios.append(f"16-way aggregate = {ours['aggregate16_tok_s'] / ours['decode_tok_s']:.1f}x our batch-1 decode")
     lines.append("Ratios (turboinfer packed path): " + "; ".join(ratios) + ".")
+    if lc and m.get("llama_cpp_features"):
+        amx = " The CPU has AMX; this llama.cpp build does not use it." if m.get("amx") and \
+            "AMX" not in m["llama_cpp_features"] else ""
+        lines += ["", f"llama.cpp's build: `{m['llama_cpp_features']}`.{amx}"]
     if ours.get("perplexity_decode_step"):
         lines += ["", "Decode runs as one C call per step (docs/cpu_decode.md). The whole text fed through that step "
                       f"one token at a time: perplexity {ours['perplexity_decode_step']:.3f} "
@@ -195,7 +199,8 @@ def render_memory_cpu(r: dict) -> str:
     if load:
         extra = load["rss_after_load"] - load["rss_before"] - load["kv_bytes"]
         lines += ["", f"Resident memory after loading `{load['model']}` (RSS after `LLM(...)` minus RSS right after "
-                      f"`import torch, turboinfer`, KV pool of {load['kv_bytes'] / mib:.1f} MiB taken out): "
+                      f"`{load.get('baseline', 'import torch, turboinfer')}`, KV pool of "
+                      f"{load['kv_bytes'] / mib:.1f} MiB taken out): "
                       f"{extra / mib:.0f} MiB = **{load['load_rss_ratio']:.2f}x** the {load['file_bytes'] / mib:.1f} MiB "
                       f"file; anonymous memory alone {load['load_anon_ratio']:.2f}x (the rest, "
                       f"{load['file_backed_increase'] / mib:.1f} MiB, is shared-library code run for the first time "
@@ -208,7 +213,7 @@ def render_quant_quality_cpu(r: dict) -> str:
     names = {"float32": "float32", "int8": "int8 (per channel)", "int4": "int4 round-to-nearest",
              "awq": "int4 AWQ", "gptq": "int4 GPTQ"}
     lines = ["## Quantization quality", "", f"Model `{r['model']}`, float weights: {r['float_source']}; perplexity "
-             f"over the first {r['text_tokens']} tokens of `{r['text']}`, {r['threads']} thread{'s' if r['threads'] > 1 else ''}. "
+             f"over {r['text_tokens']} tokens of `{r['text']}` (all of it unless the command says --tokens), {r['threads']} thread{'s' if r['threads'] > 1 else ''}. "
              f"AWQ and GPTQ calibrate on the built-in text ({r['calibration_tokens']} tokens). " + _machine(r),
              f"Command: `{r['command']}`.", "",
              "| weights | group size | perplexity | vs float | relative logit error | quantize s |",

@@ -119,3 +119,24 @@ def test_compare_llama_cpp_on_default_model(tmp_path, default_model_path):
              "--output-len", "3", "--compare", "llama.cpp")
     lc = r["engines"]["llama.cpp"]
     assert lc["num_generated_tokens"] == lc["num_output_tokens"] == 6
+
+
+def test_llama_cpp_crash_is_an_error_not_a_segfault(tmp_path, monkeypatch):
+    """llama.cpp runs first in a child process: a build that crashes on this machine (its AMX kernels do on some
+    virtualized Xeons) gives one clear error naming the signal and the rebuild, and nothing is cached as good."""
+    from turboinfer.bench import compare
+    from turboinfer.errors import InvalidRequestError
+
+    monkeypatch.setattr(compare, "_probed", set())
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setattr(compare, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(InvalidRequestError, match=r"crashed with SIGSEGV .* -DGGML_AMX_INT8=OFF"):
+        compare.check_llama_cpp(str(model), 1)
+    monkeypatch.setattr(compare, "_PROBE", "raise SystemExit('failed to load model')")
+    with pytest.raises(InvalidRequestError, match="could not run .*failed to load model"):
+        compare.check_llama_cpp(str(model), 1)
+    assert (str(model), 1) not in compare._probed
+    monkeypatch.setattr(compare, "_PROBE", "pass")
+    compare.check_llama_cpp(str(model), 1)
+    assert (str(model), 1) in compare._probed

@@ -94,6 +94,46 @@ def _pad_id(llm) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
+# Loads the model and evaluates a few tokens in a child process: a llama.cpp build that crashes on this machine
+# (llama.cpp's AMX kernels take a segfault on some virtualized Xeons, ggml-org/llama.cpp#20824) kills that child
+# instead of the benchmark.
+_PROBE = """
+import sys
+from llama_cpp import Llama
+m = Llama(sys.argv[1], n_ctx=64, n_batch=64, n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]),
+          verbose=False, n_gpu_layers=0)
+m.eval(m.tokenize(b"The capital of France is"))
+"""
+_probed: set[tuple[str, int]] = set()
+
+
+def check_llama_cpp(gguf_path: str, threads: int, timeout_s: float = 300.0) -> None:
+    """Raise InvalidRequestError when llama-cpp-python cannot load `gguf_path` and evaluate a prompt on this
+    machine (checked once per path and thread count, in a child process)."""
+    if (gguf_path, threads) in _probed:
+        return
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, gguf_path, str(threads)], capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise InvalidRequestError(f"llama.cpp did not evaluate a 6-token prompt of {gguf_path} within "
+                                  f"{timeout_s:.0f}s") from None
+    if proc.returncode < 0:
+        import signal
+
+        sig = signal.Signals(-proc.returncode).name
+        raise InvalidRequestError(
+            f"llama.cpp (llama-cpp-python) crashed with {sig} evaluating {gguf_path} on this machine. Its AMX "
+            "kernels are known to crash on some virtualized Xeons; a build without them: CMAKE_ARGS='-DGGML_NATIVE=OFF "
+            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+            "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AMX_TILE=OFF' pip install --force-reinstall --no-deps "
+            "--no-cache-dir llama-cpp-python")
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise InvalidRequestError(f"llama.cpp could not run {gguf_path}: {tail[0]}")
+    _probed.add((gguf_path, threads))
+
+
 def load_llama_cpp(llm, n_ctx: int):
     from llama_cpp import Llama
 
@@ -101,6 +141,7 @@ def load_llama_cpp(llm, n_ctx: int):
     if w.resolved.kind != "gguf":
         raise InvalidRequestError("--compare llama.cpp needs a GGUF model file")
     t = _threads(llm)
+    check_llama_cpp(w.resolved.path, t)
     return Llama(w.resolved.path, n_ctx=n_ctx, n_batch=512, n_threads=t, n_threads_batch=t, verbose=False,
                  n_gpu_layers=-1 if w.device.startswith("cuda") else 0)
 
@@ -217,6 +258,7 @@ def llama_cpp_server(gguf_path: str, n_ctx: int, threads: int, timeout_s: float 
     except ImportError as e:
         raise InvalidRequestError(f"--compare llama.cpp needs llama-cpp-python's server extras ({e}); "
                                   "pip install 'turboinfer[bench]'") from None
+    check_llama_cpp(gguf_path, threads)
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--host", "127.0.0.1", "--port", str(port),
            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False",
