@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,8 +120,6 @@ def check_llama_cpp(gguf_path: str, threads: int, timeout_s: float = 300.0) -> N
         raise InvalidRequestError(f"llama.cpp did not evaluate a 6-token prompt of {gguf_path} within "
                                   f"{timeout_s:.0f}s") from None
     if proc.returncode < 0:
-        import signal
-
         sig = signal.Signals(-proc.returncode).name
         raise InvalidRequestError(
             f"llama.cpp (llama-cpp-python) crashed with {sig} evaluating {gguf_path} on this machine. Its AMX "
