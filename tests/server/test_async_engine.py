@@ -174,3 +174,35 @@ def _wait(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.005)
+
+
+def test_a_request_is_counted_as_waiting_while_the_engine_takes_it():
+    """num_waiting() (what --max-waiting-requests checks) counts a queued request without a gap: before, the count
+    left the pending tally when the engine thread picked the request up and reached the engine's own stats only at
+    the end of that loop iteration, so a full queue could admit one more request in between."""
+    fake = ScriptedEngine(max_running=1, step_delay=0.01)
+    add = fake.add_request
+
+    def slow_add(*args):
+        time.sleep(0.2)  # widen the hand-over
+        add(*args)
+
+    fake.add_request = slow_add
+    ae = AsyncEngine(fake)
+    try:
+        async def main():
+            running = await ae.generate("endless", SamplingParams(max_tokens=2), "running")
+            await running.__anext__()  # it holds the one running slot
+            queued = await ae.generate("y", SamplingParams(max_tokens=2), "queued")  # held: a dropped one aborts
+            seen = []
+            for _ in range(60):
+                seen.append(ae.num_waiting())
+                await asyncio.sleep(0.01)
+            await running.aclose()
+            await queued.aclose()
+            return seen
+
+        seen = run(main())
+        assert min(seen) == 1, seen
+    finally:
+        ae.shutdown(abort=True)

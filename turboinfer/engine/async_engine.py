@@ -219,16 +219,22 @@ class AsyncEngine:
         self._refresh_stats()
 
     def _add(self, stream: _Stream, streams: dict[str, _Stream]) -> None:
-        with self._cond:
-            self._num_pending -= 1
         try:
             self.engine.add_request(stream.prompt_token_ids, stream.params, stream.request_id)
         except Exception as e:
+            with self._cond:
+                self._num_pending -= 1
             if not isinstance(e, TurboInferError):
                 logger.exception("adding request %s failed", stream.request_id)
                 e = EngineStepError(f"the engine could not add request {stream.request_id}: {type(e).__name__}: {e}")
             _deliver([(stream, e)])
             return
+        # The engine counts it as waiting from now on: hand the count over in one step, or stats() would miss it
+        # until the next refresh and a full waiting queue (--max-waiting-requests) could admit one more.
+        stats = self.engine.stats()
+        with self._cond:
+            self._num_pending -= 1
+            self._stats = stats
         if isinstance(stream.prompt, str):  # outputs carry the prompt text, as LLM.generate's do
             for r in self.engine.children.get(stream.request_id, []):
                 r.prompt = stream.prompt
