@@ -14,8 +14,9 @@ NUM_CLIENTS = 32
 MAX_TOKENS = 12
 PROMPTS = [f"Question {i}: what is {i} plus {i + 1}? Answer:" if i % 2 else f"Write a haiku about the number {i}."
            for i in range(NUM_CLIENTS)]
-# Greedy output depends on which requests share a step: a prompt prefilled with fewer than 32 tokens in the step
-# runs the int4 kernel, with more the dense bfloat16 matmul, and the decode step differs by batch too. Over these
+# Greedy output depends on which requests share a step and on prefix-cache hits: the kernel depends on the step's
+# row count, a cached prefix is attended decode-style, and the packed path's bfloat16 roundings grow a float32-ulp
+# difference through the layers (README, "SamplingParams"). Over these
 # prompts a token's log-probability alone vs in the 32-prompt batch moved by up to 0.24 nats in bfloat16 (0.12 in
 # float32), so two candidates closer than twice that can swap ("Question 9", on an AVX512/AMX Xeon: end-of-text at
 # -1.09 alone against " " at -1.16, reversed in the batch).
