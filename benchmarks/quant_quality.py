@@ -1,5 +1,6 @@
 """Perplexity of weight quantization on the default model: float32 against int8 and int4 (round-to-nearest, AWQ,
-GPTQ) at several group sizes, over the whole of benchmarks/data/lighthouses.txt (1,141 tokens).
+GPTQ) at several group sizes, and each one's KL divergence from float, over the whole of
+benchmarks/data/lighthouses.txt (1,141 tokens).
 
     python benchmarks/quant_quality.py [--model ALIAS_OR_PATH] [--tokens N] [--group-sizes 32,64,128]
                                        [--threads 1] [--json benchmarks/results/quant_quality_cpu.json]
@@ -37,6 +38,16 @@ def full_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     lp = torch.log_softmax(logits[:-1], -1)  # row i predicts token i + 1
     return math.exp(-lp.gather(-1, torch.tensor(ids[1:])[:, None]).mean().item())
+
+
+def divergence(logits: torch.Tensor, ref: torch.Tensor) -> dict:
+    """llama.cpp's --kl-divergence figures against the float model over the same tokens: mean and 99th
+    percentile of KL(p_float || p_quant) per token (nats), and how often both pick the same top token. Less noisy
+    than a perplexity difference, which a change can win on one span of text and lose on another."""
+    lp, lr = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
+    kl = (lr.exp() * (lr - lp)).sum(-1)
+    return {"kl_mean": kl.mean().item(), "kl_p99": kl.quantile(0.99).item(),
+            "top1_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 def configurations(group_sizes: list[int]) -> list[dict]:
@@ -87,7 +98,8 @@ def main() -> None:
         logits = full_logits(model, ids)
         ref = logits if ref is None else ref
         row = {**cfg, "perplexity": perplexity(logits, ids),
-               "rel_logit_error": ((logits - ref).norm() / ref.norm()).item(), "quantize_s": seconds}
+               "rel_logit_error": ((logits - ref).norm() / ref.norm()).item(), **divergence(logits, ref),
+               "quantize_s": seconds}
         if "group_size" in cfg:  # what each layer width really got (a size that does not divide it falls back)
             widths = sorted({m.in_features for _, m in linears})
             row["layer_group_sizes"] = {str(k): layer_group_size(k, g) for k in widths}

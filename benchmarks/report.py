@@ -209,6 +209,14 @@ def render_memory_cpu(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _kl(row: dict) -> str:
+    return f"{row['kl_mean']:.4f} / {row['kl_p99']:.3f}" if "kl_mean" in row else "-"
+
+
+def _top1(row: dict) -> str:
+    return f"{100 * row['top1_agreement']:.1f}%" if "top1_agreement" in row else "-"
+
+
 def render_quant_quality_cpu(r: dict) -> str:
     names = {"float32": "float32", "int8": "int8 (per channel)", "int4": "int4 round-to-nearest",
              "awq": "int4 AWQ", "gptq": "int4 GPTQ"}
@@ -216,8 +224,9 @@ def render_quant_quality_cpu(r: dict) -> str:
              f"over {r['text_tokens']} tokens of `{r['text']}` (all of it unless the command says --tokens), {r['threads']} thread{'s' if r['threads'] > 1 else ''}. "
              f"AWQ and GPTQ calibrate on the built-in text ({r['calibration_tokens']} tokens). " + _machine(r),
              f"Command: `{r['command']}`.", "",
-             "| weights | group size | perplexity | vs float | relative logit error | quantize s |",
-             "|---|---|---:|---:|---:|---:|"]
+             ("| weights | group size | perplexity | vs float | relative logit error | KL mean / p99 (nats) | "
+              "same top token | quantize s |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         groups = str(x.get("group_size", "-"))
         fallback = [f"{g} on {k}-wide layers" for k, g in x.get("layer_group_sizes", {}).items()
@@ -225,7 +234,7 @@ def render_quant_quality_cpu(r: dict) -> str:
         if fallback:
             groups += f" ({', '.join(fallback)})"
         lines.append(f"| {names.get(x['method'], x['method'])} | {groups} | {x['perplexity']:.3f} | "
-                     f"{x['vs_float_pct']:+.1f}% | {x['rel_logit_error']:.3f} | {x['quantize_s']:.1f} |")
+                     f"{x['vs_float_pct']:+.1f}% | {x['rel_logit_error']:.3f} | {_kl(x)} | {_top1(x)} | {x['quantize_s']:.1f} |")
     if r["float_source"].startswith("GGUF"):
         lines += ["", "The float weights were themselves 4-bit with groups of 32 (the GGUF), so int4 at group 32 "
                       "lands back on that grid exactly: its row is no test of the method. Groups of 64 and 128 are."]

@@ -1,0 +1,46 @@
+"""The figures benchmarks/quant_quality.py reports besides perplexity, and their rendering in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_divergence_against_hand_computed_values():
+    qq = _load("quant_quality")
+    ref = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    same = qq.divergence(ref.clone(), ref)
+    assert same["kl_mean"] == 0.0 and same["top1_agreement"] == 1.0
+
+    quant = torch.tensor([[0.0, math.log(3.0)], [2.0, 0.0]])  # row 0: p = (1/2, 1/2) against q = (1/4, 3/4)
+    d = qq.divergence(quant, ref)
+    kl_row0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert math.isclose(d["kl_mean"], kl_row0 / 2, rel_tol=1e-5)
+    assert math.isclose(d["kl_p99"], kl_row0 * 0.99, rel_tol=1e-5)  # linear between 0 and kl_row0
+    assert d["top1_agreement"] == 0.5  # row 0's tie goes to index 0 in ref and index 1 in quant
+
+
+def test_report_shows_kl_and_top_token_columns():
+    report = _load("report")
+    row = {"method": "awq", "group_size": 64, "perplexity": 25.0, "vs_float_pct": 7.6, "rel_logit_error": 0.24,
+           "kl_mean": 0.0879, "kl_p99": 0.339, "top1_agreement": 0.844, "quantize_s": 31.0,
+           "layer_group_sizes": {"576": 64, "1536": 64}}
+    old = {k: v for k, v in row.items() if k not in ("kl_mean", "kl_p99", "top1_agreement")}  # earlier JSON
+    record = {"model": "m", "float_source": "GGUF dequantized to float32", "text_tokens": 10, "text": "t.txt",
+              "threads": 1, "calibration_tokens": 5, "command": "python benchmarks/quant_quality.py",
+              "machine": {"cpu": "cpu", "cores": 2}, "versions": {}, "date": "2026-11-23", "rows": [row, old]}
+    text = report.render_quant_quality_cpu(record)
+    assert "| int4 AWQ | 64 | 25.000 | +7.6% | 0.240 | 0.0879 / 0.339 | 84.4% | 31.0 |" in text
+    assert "| int4 AWQ | 64 | 25.000 | +7.6% | 0.240 | - | - | 31.0 |" in text
