@@ -136,7 +136,8 @@ import gguf, jinja2, numpy, safetensors, tokenizers  # libraries loading uses: c
 gc.collect(); before = rss()
 llm = turboinfer.llm.LLM(sys.argv[1], kv_cache_memory='64MiB', max_model_len=2048)
 gc.collect()
-print(json.dumps({"rss_increase": rss() - before, "kv_bytes": llm.engine.runner.kv_cache_bytes()}))
+print(json.dumps({"rss_increase": rss() - before, "kv_bytes": llm.engine.runner.kv_cache_bytes(),
+                  "kv_resident": llm.engine.runner.kv_cache_resident_bytes()}))
 """
 
 
@@ -148,7 +149,7 @@ def resident_memory(model: str) -> dict:
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, model], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["file_bytes"] = os.path.getsize(model)
-    r["ratio_to_file_excluding_kv"] = (r["rss_increase"] - r["kv_bytes"]) / r["file_bytes"]
+    r["ratio_to_file_excluding_kv"] = (r["rss_increase"] - r["kv_resident"]) / r["file_bytes"]
     return r
 
 

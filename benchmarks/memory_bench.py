@@ -6,19 +6,21 @@ full batch, against `turboinfer estimate`'s total for the same settings. Models:
 
     python benchmarks/memory_bench.py --load-only   # only the load row (seconds; what tests/memory checks)
 
-Each setting runs in its own process. The peak resident size (VmHWM) is reset once the weights are loaded and read
-after max_num_seqs prompts of max_model_len / 2 tokens generated max_model_len / 4 tokens each, so the KV pool and
-the step activations have been touched. The estimate counts the model as stored in memory after loading; the
+Each setting runs in its own process. The peak resident size (VmHWM) is reset once the weights are loaded, every
+block of the KV pool is written once (on CPU a block becomes resident when first written; an engine that has run a
+while has written them all, and the estimate counts the whole pool), and the peak is read after max_num_seqs prompts
+of max_model_len / 2 tokens generated max_model_len / 4 tokens each, so the step activations have been touched. The estimate counts the model as stored in memory after loading; the
 extra peak while a GGUF file is read and unpacked during loading is reported separately.
 
 The load row (`load` in the JSON) checks the bar "resident memory after loading the default GGUF <= 1.3x the file
 size plus the KV pool". A fresh process reads VmRSS and /proc/self/smaps_rollup right after `import torch,
 tokenizers, turboinfer` (the interpreter and the engine's libraries are not the model: importing tokenizers alone
 maps ~5 MiB of its code, whatever the model), then after `LLM(...)` returns:
-    load_rss_ratio  = (VmRSS after - VmRSS before - KV pool bytes) / file size
+    load_rss_ratio  = (VmRSS after - VmRSS before - resident KV pool bytes) / file size
     load_anon_ratio = the same with anonymous memory only, i.e. without the pages of shared libraries (torch,
                       tokenizers) that loading runs for the first time; no file is mapped after loading
-and the loading peak is VmHWM (reset to VmRSS at the first reading) minus VmRSS before.
+and the loading peak is VmHWM (reset to VmRSS at the first reading) minus VmRSS before. The resident part of the KV
+pool is read with mincore (`ModelRunner.kv_cache_resident_bytes`); right after loading nothing has written it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 after_load = hwm()
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak: loading's transient is reported apart
+for group in llm.engine.runner.kv_caches:  # every block written once, as in an engine that has run a while
+    for t in group:
+        if t is not None:
+            t.zero_()
 prompts = [[100 + (i * 7 + j) % 4000 for j in range(max_len // 2)] for i in range(seqs)]
 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_len // 4, ignore_eos=True), use_tqdm=False)
 peak = hwm()
@@ -90,7 +96,8 @@ from turboinfer.runner.worker import model_weight_bytes
 w = llm.engine.worker
 print(json.dumps({"rss_before": rss0, "rss_after_load": rss1, "anon_increase": anon1 - anon0,
                   "file_backed_increase": file1 - file0, "peak_rss_during_load": peak, "peak_increase": peak - rss0,
-                  "kv_bytes": llm.engine.runner.kv_cache_bytes(), "weight_bytes": model_weight_bytes(w.runner.model),
+                  "kv_bytes": llm.engine.runner.kv_cache_bytes(), "kv_resident": llm.engine.runner.kv_cache_resident_bytes(),
+                  "weight_bytes": model_weight_bytes(w.runner.model),
                   "file_bytes": os.path.getsize(w.resolved.path), "load_seconds": w.load_seconds,
                   "model_file_mapped": any(os.path.realpath(w.resolved.path) in l for l in open('/proc/self/maps'))}))
 """
@@ -101,10 +108,10 @@ def measure_load(model: str = "smollm2-135m-instruct") -> dict:
     out = subprocess.run([sys.executable, "-c", LOAD_PROBE % BASELINE, model], capture_output=True, text=True,
                          check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    rest = r["rss_after_load"] - r["rss_before"] - r["kv_bytes"]
+    rest = r["rss_after_load"] - r["rss_before"] - r["kv_resident"]
     r.update(model=model, baseline=BASELINE, max_model_len=512, max_num_seqs=1, threads=1,
              load_rss_ratio=rest / r["file_bytes"],
-             load_anon_ratio=(r["anon_increase"] - r["kv_bytes"]) / r["file_bytes"])
+             load_anon_ratio=(r["anon_increase"] - r["kv_resident"]) / r["file_bytes"])
     return r
 
 

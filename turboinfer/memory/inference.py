@@ -204,6 +204,8 @@ def estimate_inference(arch, *, name: str = "", dtype: str = "auto", quantizatio
                         "; sliding-window layers keep every token (the engine does not evict)")
     if kv_name in ("int8", "fp8"):
         kv_note += " + float32 scale per token and KV head"
+    if device == "cpu":
+        kv_note += "; resident as blocks are first written"
 
     chunk = max_num_batched_tokens if enable_chunked_prefill else max(max_num_batched_tokens, max_len)
     tokens = max(min(chunk, max_num_seqs * max_len), min(max_num_seqs, chunk))

@@ -10,6 +10,7 @@ from turboinfer.kernels import get_ops
 from turboinfer.runner.attention_metadata import AttentionMetadata
 from turboinfer.runner.cpu_decode import MAX_BATCH, create_cpu_decoder
 from turboinfer.runner.cuda_graphs import DecodeGraphs
+from turboinfer.runner.kv_alloc import resident_bytes, zeroed
 from turboinfer.runner.sampler import Sampler, top_logprobs
 
 
@@ -27,14 +28,15 @@ class ModelRunner:
         shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         kv_dtype = kv_dtype or dtype
         quantized = kv_dtype in (torch.int8, torch.float8_e4m3fn)
-        # zeros, not empty: padded block-table entries read block 0, and 0 * NaN garbage would poison softmax
+        # zeros, not empty: padded block-table entries read block 0, and 0 * NaN garbage would poison softmax.
+        # On CPU the zeros are fresh mappings, resident only once a block is written (runner/kv_alloc.py).
         self.kv_caches = []
         for attn in model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+            attn.k_cache = zeroed(shape, kv_dtype, device)
+            attn.v_cache = zeroed(shape, kv_dtype, device)
             if quantized:
-                attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
-                attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+                attn.k_scale = zeroed(shape[:3], torch.float32, device)
+                attn.v_scale = zeroed(shape[:3], torch.float32, device)
             self.kv_caches.append((attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale))
         # Small all-decode steps in one C call where the model qualifies (see runner/cpu_decode.py).
         self.cpu_decoder = create_cpu_decoder(model, device, dtype, kv_dtype, block_size,
@@ -49,6 +51,12 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         """Bytes of every KV tensor allocated (codes and scales), for the memory report."""
         return sum(t.numel() * t.element_size() for group in self.kv_caches for t in group if t is not None)
+
+    def kv_cache_resident_bytes(self) -> int | None:
+        """Bytes of the KV pool resident in RAM (CPU: the pages written so far); None off CPU."""
+        if self.device.type != "cpu":
+            return None
+        return resident_bytes([t for group in self.kv_caches for t in group])
 
     def _block_table(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in seqs)
