@@ -26,5 +26,7 @@ test: setup
 bench: EXTRAS = test,bench
 bench: setup
 	$(PY) benchmarks/cpu_bench.py
+	$(PY) benchmarks/long_context_cpu.py
+	$(PY) benchmarks/report.py
 
 .PHONY: setup chat generate test bench

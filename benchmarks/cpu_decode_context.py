@@ -2,8 +2,9 @@
 
     python benchmarks/cpu_decode_context.py [--model smollm2-135m-instruct] [--threads 2]
 
-Calls the engine's CPU decoder directly for one sequence whose block table covers the context (the cache holds
-whatever was there: attention reads every position either way), 100 steps per length, and prints the median.
+Calls the engine's CPU decoder directly for one sequence whose block table covers the context (the cache is
+written with zeros first, so every page is its own memory; attention reads every position whatever it holds), 100
+steps per length, and prints the median.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def main() -> None:
     if decoder is None:
         raise SystemExit("this model does not run on the C decode step (see docs/cpu_decode.md)")
     blocks = llm.engine.kv.allocate("bench", max(CONTEXTS) + 1)
+    for group in llm.engine.runner.kv_caches:  # on CPU the pool gets memory as it is written: write all of it
+        for t in group:
+            if t is not None:
+                t.zero_()
     print("| context | " + " | ".join(f"{c:,}" for c in CONTEXTS) + " |")
     row = []
     for ctx in CONTEXTS:

@@ -243,6 +243,24 @@ def render_quant_quality_cpu(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_cpu_long_context(r: dict) -> str:
+    m = r["machine"]
+    lines = ["## Long prompts on CPU: turboinfer vs llama.cpp", "",
+             f"Model `{r['model']}`, {r['threads']} threads, {m['cpu']} ({m['cores']} cores{_caches(m)}), "
+             f"torch {m['torch']}, {r['date']}.", f"Command: `{r['command']}`.", "",
+             f"The benchmark text repeated to N tokens, then {r['new_tokens']} greedy tokens; time to first token "
+             f"(prefill + one token) and decode tok/s over the tokens after the first, each attending to the whole "
+             f"prompt. Median of {r['repeats']} runs; no prefix reuse.", "",
+             "| prompt tokens | TTFT s (llama.cpp) | ratio | decode tok/s (llama.cpp) | ratio |",
+             "|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        ours, lc = x["turboinfer"], x["llama.cpp"]
+        lines.append(f"| {x['prompt_tokens']} | {ours['ttft_s']:.2f} ({lc['ttft_s']:.2f}) | "
+                     f"{lc['ttft_s'] / ours['ttft_s']:.2f}x faster | {ours['decode_tok_s']:.1f} "
+                     f"({lc['decode_tok_s']:.1f}) | {ours['decode_tok_s'] / lc['decode_tok_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 TYPE_NAMES = {"0": "F32", "2": "Q4_0", "3": "Q4_1", "8": "Q8_0", "12": "Q4_K", "13": "Q5_K", "14": "Q6_K"}
 
 
@@ -273,7 +291,7 @@ def render_cpu_gguf_types(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"memory_cpu": render_memory_cpu, "cpu_gguf_types": render_cpu_gguf_types, "quant_quality_cpu": render_quant_quality_cpu,
+RENDERERS = {"memory_cpu": render_memory_cpu, "cpu_long_context": render_cpu_long_context, "cpu_gguf_types": render_cpu_gguf_types, "quant_quality_cpu": render_quant_quality_cpu,
              "cpu_default_model": render_cpu_default_model, "bench_latency": render_bench_latency,
              "bench_throughput": render_bench_throughput, "bench_serve": render_bench_serve}
 

@@ -160,3 +160,26 @@ def test_switch_and_unsupported_models(tiny, monkeypatch):
     assert "KV" in cpu_decode.accepts(llm.engine.runner.model, torch.float8_e4m3fn, torch.float32)
     llm = LLM(tiny, dtype="float32", max_model_len=256, kv_cache_memory="16MiB")
     assert llm.engine.runner.cpu_decoder is None  # float weights
+
+
+@pytest.mark.parametrize("arch", ["llama-hd64", "llama-mqa-hd128"])
+def test_c_step_long_context_across_blocks(arch, tmp_path_factory):
+    """Contexts of 200+ tokens in blocks of 8: every attention split spans many blocks, so the row walk crosses
+    block edges mid-split and the look-ahead prefetch runs (it starts 32 tokens into a split)."""
+    path = make_tiny_model(tmp_path_factory, arch)[0]
+    llm = load(path, "float32", block_size=8)
+    dec = llm.engine.runner.cpu_decoder
+    assert dec is not None
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (200, 171)]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    results = []
+    for use_c in (False, True):
+        llm.engine.runner.cpu_decoder = dec if use_c else None
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        results.append(([o.outputs[0].token_ids for o in outs],
+                        torch.tensor([[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                                      for o in outs])))
+    (ref_tokens, ref_lps), (tokens, lps) = results
+    assert tokens == ref_tokens
+    torch.testing.assert_close(lps, ref_lps, rtol=0, atol=2e-4)

@@ -1,4 +1,5 @@
-"""The figures benchmarks/quant_quality.py reports besides perplexity, and their rendering in BENCHMARKS.md."""
+"""Helpers of the scripts in benchmarks/ that the engine tests do not reach: quant_quality.py's KL figures,
+long_context_cpu.py's prompts, and how report.py renders both into BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -44,3 +45,23 @@ def test_report_shows_kl_and_top_token_columns():
     text = report.render_quant_quality_cpu(record)
     assert "| int4 AWQ | 64 | 25.000 | +7.6% | 0.240 | 0.0879 / 0.339 | 84.4% | 31.0 |" in text
     assert "| int4 AWQ | 64 | 25.000 | +7.6% | 0.240 | - | - | 31.0 |" in text
+
+
+def test_long_context_prompts_differ_only_in_first_token():
+    lc = _load("long_context_cpu")
+    runs = lc.prompts([5, 6, 7, 8], 10, 3)
+    assert [len(p) for p in runs] == [10, 10, 10]
+    assert [p[0] for p in runs] == [5, 6, 7] and runs[0][1:] == runs[2][1:] == [5, 6, 7, 8, 5, 6, 7, 8, 5]
+    t = lc.timings([1.5, 1.6, 1.8], 1.0)
+    assert math.isclose(t["ttft_s"], 0.5) and math.isclose(t["decode_tok_s"], 2 / 0.3)
+
+
+def test_report_renders_long_context_rows():
+    report = _load("report")
+    row = {"prompt_tokens": 8000, "turboinfer": {"ttft_s": 9.0, "decode_tok_s": 39.0},
+           "llama.cpp": {"ttft_s": 60.0, "decode_tok_s": 26.0}}
+    record = {"model": "m", "threads": 2, "command": "python benchmarks/long_context_cpu.py", "repeats": 2,
+              "new_tokens": 32, "date": "2026-11-23", "machine": {"cpu": "cpu", "cores": 2, "torch": "2.13"},
+              "rows": [row]}
+    text = report.render_cpu_long_context(record)
+    assert "| 8000 | 9.00 (60.00) | 6.67x faster | 39.0 (26.0) | 1.50x |" in text
