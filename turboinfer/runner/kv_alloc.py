@@ -21,7 +21,7 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """A zero tensor; on CPU backed by its own anonymous mapping (page-aligned, resident only once written)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     buf = mmap.mmap(-1, max(nbytes, 1))  # MAP_PRIVATE | MAP_ANONYMOUS; the tensor keeps it alive
     return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
@@ -49,7 +49,7 @@ def resident_bytes(tensors: list[torch.Tensor]) -> int | None:
             vec = ctypes.create_string_buffer(pages)
             if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
                 return None
-            total += sum(b & 1 for b in vec.raw) * PAGE
+            total += int((torch.frombuffer(vec, dtype=torch.uint8) & 1).sum()) * PAGE
         return total
     except (OSError, AttributeError):
         return None

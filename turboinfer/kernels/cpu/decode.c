@@ -679,7 +679,7 @@ static inline float load_kv(const void *kv, int kind, int i) {
 typedef struct {
     const char *k, *v;
     const float *k_scale, *v_scale;
-    size_t row_bytes, head_bytes;
+    size_t row_bytes, head_bytes, head_len;  /* bytes of a token's row, where this head starts in it, its length */
     int kind, num_kv_heads, head;
 } KVView;
 
@@ -722,9 +722,9 @@ static inline size_t next_row(RowCursor *c) {
  * ask for the row KV_AHEAD tokens on while converting this one. */
 #define KV_AHEAD 32
 
-static inline void prefetch_row(const KVView *kv, const char *base, size_t row, int bytes) {
+static inline void prefetch_row(const KVView *kv, const char *base, size_t row) {
     const char *src = base + row * kv->row_bytes + kv->head_bytes;
-    for (int i = 0; i < bytes; i += 64) __builtin_prefetch(src + i, 0, 3);
+    for (size_t i = 0; i < kv->head_len; i += 64) __builtin_prefetch(src + i, 0, 3);
 }
 
 static inline float dot(const float *a, const float *b, int d) {
@@ -830,13 +830,12 @@ static inline __attribute__((always_inline)) void attend_tile(const int D16, con
     int n = t1 - t0;
     clear_parts(part, G, d);
     if (n <= 0) return;
-    const int row_len = d * (kv->kind == KV_INT8 ? 1 : kv->kind == KV_BF16 ? 2 : 4);
     RowCursor kc = row_cursor(block_table, block_size, t0);
     RowCursor ka = row_cursor(block_table, block_size, t0 + KV_AHEAD < t1 ? t0 + KV_AHEAD : t0);
     for (int tb = t0; tb < t1; tb += 16) {
         int nt = t1 - tb < 16 ? t1 - tb : 16;
         for (int i = 0; i < nt; i++) {
-            if (tb + i + KV_AHEAD < t1) prefetch_row(kv, kv->k, next_row(&ka), row_len);
+            if (tb + i + KV_AHEAD < t1) prefetch_row(kv, kv->k, next_row(&ka));
             load_row(kv, kv->k, kv->k_scale, next_row(&kc), d, tile + i * d);
         }
         for (int g = 0; g < G; g++) {
@@ -858,7 +857,7 @@ static inline __attribute__((always_inline)) void attend_tile(const int D16, con
         RowCursor vc = row_cursor(block_table, block_size, t0);
         RowCursor va = row_cursor(block_table, block_size, t0 + KV_AHEAD < t1 ? t0 + KV_AHEAD : t0);
         for (int t = t0; t < t1; t++) {
-            if (t + KV_AHEAD < t1) prefetch_row(kv, kv->v, next_row(&va), row_len);
+            if (t + KV_AHEAD < t1) prefetch_row(kv, kv->v, next_row(&va));
             size_t r = next_row(&vc);
             const char *src = kv->v + r * kv->row_bytes + kv->head_bytes;
             __m512 vs = _mm512_set1_ps(kv->kind == KV_INT8 ? kv->v_scale[r * kv->num_kv_heads + kv->head] : 1.f);
@@ -1007,7 +1006,7 @@ static void step_body(void *arg, Team *team) {
             int chunk = (len - start + nsplit - 1) / nsplit, t0 = start + sp * chunk;
             int t1 = t0 + chunk < len ? t0 + chunk : len;
             KVView kv = {p[P_K_CACHE], p[P_V_CACHE], p[P_K_SCALE], p[P_V_SCALE], row_bytes, (size_t)kvh * hd * el,
-                         kv_kind, nkv, kvh};
+                         (size_t)hd * el, kv_kind, nkv, kvh};
             attend(buf + (size_t)m * qkv_n + (size_t)kvh * gsize * hd, gsize, &kv, block_tables + (size_t)m * bt_stride,
                    bs, t0, t1, hd, c->scale, my_scores, parts + (size_t)i * part_stride);
         }
