@@ -294,6 +294,25 @@ def test_estimate_breakdown_and_dict():
     assert tp.kv_cache * 4 == one.kv_cache and tp.weights < one.weights / 3
 
 
+def test_torch_decode_gather_is_bounded_by_length_groups():
+    """The PyTorch decode attention gathers K/V a group of sequences at a time (kernels/torch_ref/attention.py):
+    at most DECODE_GATHER_TOKENS rows, or one sequence padded to blocks. A captured CUDA graph gathers the whole
+    batch padded to the longest."""
+    from turboinfer.kernels.torch_ref import attention
+    from turboinfer.memory import inference
+
+    assert inference.DECODE_GATHER_TOKENS == attention.DECODE_GATHER_TOKENS == 16384
+    s = model_shape(LLAMA3_8B)  # 32 heads, 8 KV heads of 128: 2 x 1024 K|V values a token
+    per_row = 4 * 2048 + 2 * 32 * 4 + 4  # float32 K and V, float32 scores and probabilities, mask
+
+    def act(seqs, max_len, **kw):  # decode scratch is the largest term for these settings
+        return inference.activation_bytes(s, seqs, seqs, max_len, "float32", "auto", 1, "torch",
+                                          include_logits=False, **kw)
+    assert act(64, 8192, cuda_graph=True) - act(64, 8192) == (64 * 8192 - 16384) * per_row
+    assert act(64, 8192) == act(64, 4096) == act(64, 256)  # every batch of 16,384 rows or more: one budget
+    assert act(64, 65536) > 65536 * per_row > act(64, 8192)  # one sequence longer than that is gathered whole
+
+
 # ---- training: checked against a measured transformers step ----------------------------------------------------
 
 def _tiny_llama_config(**kw):

@@ -10,8 +10,9 @@ b = compute dtype bytes, per rank q = heads*head_dim/tp, kv = kv_heads_per_rank*
                                                 and the sampler's copies (float32 rows, sort values, int64 order)
     peak = stream + max(attention, mlp, logits)
 Kernel scratch: the PyTorch attention (CPU) gathers a sequence's K/V from the paged cache as float32 and
-casts them to the compute dtype (prefill: one sequence of max_model_len; decode: every decoding sequence at
-once, with float32 scores and probabilities); the Triton kernels (CUDA) read the cache in place and keep only
+casts them to the compute dtype (prefill: one sequence of max_model_len; decode: the decoding sequences a
+group at a time, each group padded to its longest and at most 16,384 K/V rows unless one sequence alone is
+longer, with float32 scores and probabilities); the Triton kernels (CUDA) read the cache in place and keep only
 split-KV partial results.
 """
 
@@ -35,6 +36,7 @@ CPU_RUNTIME_BYTES = 280 * MiB  # resident Python + torch + turboinfer + tokenize
 CPU_WARMUP_BYTES = 32 * MiB
 SAMPLER_BYTES_PER_LOGIT = 48  # per sampled row and vocabulary entry, counted from runner/sampler.py
 DECODE_SPLITS = 16  # most split-KV partitions of the Triton decode kernel
+DECODE_GATHER_TOKENS = 16384  # K/V rows one PyTorch decode gather holds (kernels/torch_ref/attention.py)
 
 
 def resolve_compute_dtype(dtype: str | None, device: str) -> str:
@@ -53,8 +55,9 @@ def resolve_compute_dtype(dtype: str | None, device: str) -> str:
 
 def activation_bytes(arch, num_tokens: int, num_seqs: int, max_model_len: int, dtype: str = "bfloat16",
                      kv_cache_dtype: str = "auto", tp_size: int = 1, attention_backend: str = "triton",
-                     include_logits: bool = True) -> int:
-    """Peak live bytes of one engine step of `num_tokens` tokens (see the module docstring)."""
+                     include_logits: bool = True, cuda_graph: bool = False) -> int:
+    """Peak live bytes of one engine step of `num_tokens` tokens (see the module docstring). cuda_graph: a
+    captured decode step, whose PyTorch attention gathers the whole batch padded to max_model_len at once."""
     s = model_shape(arch)
     b = dtype_bytes(dtype)
     kv_elem, scaled = kv_element(kv_cache_dtype, dtype)
@@ -74,7 +77,9 @@ def activation_bytes(arch, num_tokens: int, num_seqs: int, max_model_len: int, d
         # K/V gathered as float32; one of them also as raw codes (and scaled codes) while converting
         gathered = 4 * cache_width + (cache_width // 2 * (kv_elem + (4 if scaled else 0)) if kv_elem != 4 else 0)
         prefill = padded * (gathered + (cache_width * b if b != 4 else 0)) + t * padded * (1 + b)  # + mask
-        decode = rows * padded * (gathered + 2 * heads * 4 + 4)  # + float32 scores, probabilities, mask
+        # decodes are gathered a group at a time: at most DECODE_GATHER_TOKENS rows, or one padded sequence
+        decode_rows = rows * padded if cuda_graph else min(rows * padded, max(DECODE_GATHER_TOKENS, padded))
+        decode = decode_rows * (gathered + 2 * heads * 4 + 4)  # + float32 scores, probabilities, mask
         scratch = max(prefill, decode)
     else:
         scratch = rows * heads * DECODE_SPLITS * (s.v_head_dim + 2) * 4
@@ -211,7 +216,7 @@ def estimate_inference(arch, *, name: str = "", dtype: str = "auto", quantizatio
     tokens = max(min(chunk, max_num_seqs * max_len), min(max_num_seqs, chunk))
     act = activation_bytes(s, tokens, max_num_seqs, max_len, compute, kv_cache_dtype, tp_size, backend)
     graph_act = activation_bytes(s, max_num_seqs, max_num_seqs, max_len, compute, kv_cache_dtype, tp_size, backend,
-                                 include_logits=False)
+                                 include_logits=False, cuda_graph=True)
     return InferenceEstimate(
         model=name, device=device, dtype=compute, kv_cache_dtype=kv_name, tp_size=tp_size, max_model_len=max_len,
         max_num_seqs=max_num_seqs, num_batched_tokens=tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,

@@ -86,18 +86,34 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
+DECODE_GATHER_TOKENS = 16384  # K/V rows one decode gather may hold (memory/inference.py counts the same)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, max_seq_len: int, scale: float,
                      sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per sequence, all sequences in one batched computation.
+    """One new token per sequence, computed a group of sequences at a time.
 
     q: [batch, num_heads, head_dim]; seq_lens: [batch] tokens in the cache including the new one.
-    K/V are gathered padded to max_seq_len and the padding masked out.
+    Each group's K/V are gathered (as float32) padded to its longest sequence and the padding masked out. When
+    the whole batch padded to max_seq_len fits in DECODE_GATHER_TOKENS rows it is one group; otherwise sequences
+    are grouped longest first so that no group gathers more than DECODE_GATHER_TOKENS rows (or one sequence's
+    own), instead of every sequence padded to the longest: 64 decodes beside one at 8,192 tokens would gather
+    524,288 rows, 800 MiB for SmolLM2-135M.
     """
+    groups = _decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], sliding_window)
+    if len(groups) == 1:
+        return _decode_group(q, k_cache, v_cache, k_scale, v_scale, *groups[0][1:], scale)
+    out = torch.empty_like(q)
+    for rows, flat, mask in groups:
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, k_scale, v_scale, flat, mask, scale)
+    return out
+
+
+def _decode_group(q, k_cache, v_cache, k_scale, v_scale, flat, mask, scale):
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    flat, mask = _decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], sliding_window)
     # [batch, kv_heads, L, D] with L = a whole number of blocks. The math runs in float32: on CPUs the small
     # batched matmuls of decode are ~2x faster in float32 than in bfloat16, and it is the reference anyway.
     k = _gather_blocks(k_cache, k_scale, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
@@ -109,22 +125,44 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 _plan_key: tuple | None = None
-_plan: tuple[torch.Tensor, torch.Tensor] | None = None
+_plan: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _decode_plan(block_tables, seq_lens, max_seq_len, block_size, sliding_window):
-    """Flat block ids and the additive key mask [batch, 1, 1, L], computed once per step and shared by all
-    layers (the key holds the step's tensors themselves, so a later step can never match by accident)."""
+    """[(batch rows or None for all, flat block ids, additive key mask [rows, 1, 1, L])] per group, computed once
+    per step and shared by all layers (the key holds the step's tensors themselves, so a later step can never
+    match by accident)."""
     global _plan_key, _plan
     key = (block_tables, seq_lens, max_seq_len, block_size, sliding_window)
     if _plan_key is None or any(a is not b for a, b in zip(key[:2], _plan_key[:2])) or key[2:] != _plan_key[2:]:
-        num_blocks = -(-max_seq_len // block_size)
-        flat = block_tables[:, :num_blocks].reshape(-1)
-        k_pos = torch.arange(num_blocks * block_size, device=seq_lens.device)[None, :]
-        masked = k_pos >= seq_lens[:, None]
-        if sliding_window is not None:
-            masked |= k_pos <= (seq_lens[:, None] - 1 - sliding_window)
-        mask = torch.zeros(masked.shape, dtype=torch.float32, device=seq_lens.device).masked_fill_(
-            masked, float("-inf"))[:, None, None, :]
-        _plan_key, _plan = key, (flat, mask)
+        padded = -(-max_seq_len // block_size) * block_size
+        batch = seq_lens.shape[0]
+        capturing = seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()  # shapes fixed at capture
+        if batch * padded <= DECODE_GATHER_TOKENS or batch == 1 or capturing:
+            groups = [(None, max_seq_len, block_tables, seq_lens)]
+        else:
+            groups = []
+            order = torch.argsort(seq_lens, descending=True)
+            lens = seq_lens[order].tolist()
+            start = 0
+            while start < batch:
+                width = -(-lens[start] // block_size) * block_size  # the group's longest, padded to blocks
+                n = max(1, min(batch - start, DECODE_GATHER_TOKENS // width))
+                rows = order[start:start + n]
+                groups.append((rows, lens[start], block_tables[rows], seq_lens[rows]))
+                start += n
+        _plan_key, _plan = key, [(rows, *_group_plan(tables, lens, longest, block_size, sliding_window))
+                                 for rows, longest, tables, lens in groups]
     return _plan
+
+
+def _group_plan(block_tables, seq_lens, max_seq_len, block_size, sliding_window):
+    num_blocks = -(-max_seq_len // block_size)
+    flat = block_tables[:, :num_blocks].reshape(-1)
+    k_pos = torch.arange(num_blocks * block_size, device=seq_lens.device)[None, :]
+    masked = k_pos >= seq_lens[:, None]
+    if sliding_window is not None:
+        masked |= k_pos <= (seq_lens[:, None] - 1 - sliding_window)
+    mask = torch.zeros(masked.shape, dtype=torch.float32, device=seq_lens.device).masked_fill_(
+        masked, float("-inf"))[:, None, None, :]
+    return flat, mask
