@@ -1,5 +1,5 @@
 """Perplexity of weight quantization on the default model: float32 against int8 and int4 (round-to-nearest, AWQ,
-GPTQ) at several group sizes, and each one's KL divergence from float, over the whole of
+GPTQ, AWQ then GPTQ) at several group sizes, and each one's KL divergence from float, over the whole of
 benchmarks/data/lighthouses.txt (1,141 tokens).
 
     python benchmarks/quant_quality.py [--model ALIAS_OR_PATH] [--tokens N] [--group-sizes 32,64,128]
@@ -53,7 +53,7 @@ def divergence(logits: torch.Tensor, ref: torch.Tensor) -> dict:
 def configurations(group_sizes: list[int]) -> list[dict]:
     rows = [dict(method="float32"), dict(method="int8")]
     for g in group_sizes:
-        rows += [dict(method=m, group_size=g) for m in ("int4", "awq", "gptq")]
+        rows += [dict(method=m, group_size=g) for m in ("int4", "awq", "gptq", "awq-gptq")]
     return rows
 
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     from turboinfer.bench.results import machine_info, versions
     from turboinfer.layers.linear import UnquantizedMethod
-    from turboinfer.layers.quantization.awq import MAX_CALIBRATION_TOKENS, calibration_text
+    from turboinfer.layers.quantization.awq import calibration_segments
     from turboinfer.layers.quantization.transform import layer_group_size, quantizable_linears
     from turboinfer.loader.model_loader import load_arch, load_tokenizer, load_weights_into, quantize_loaded
     from turboinfer.loader.resolve import resolve_model
@@ -92,8 +92,8 @@ def main() -> None:
         method, g = cfg["method"], cfg.get("group_size", 128)
         t = time.perf_counter()
         if method != "float32":
-            quantize_loaded(model, resolved, device, "int8" if method == "int8" else "int4", g, method == "awq",
-                            tokenizer, method == "gptq")
+            quantize_loaded(model, resolved, device, "int8" if method == "int8" else "int4", g, "awq" in method,
+                            tokenizer, "gptq" in method)
         seconds = time.perf_counter() - t
         logits = full_logits(model, ids)
         ref = logits if ref is None else ref
@@ -107,12 +107,14 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
+    segments = calibration_segments(tokenizer)
     record = {"benchmark": "quant_quality_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "machine": machine_info(), "versions": versions(),
               "model": resolved.display_name,
               "float_source": "GGUF dequantized to float32", "threads": args.threads,
               "text": os.path.relpath(TEXT, os.path.dirname(HERE)), "text_tokens": len(ids),
-              "calibration_tokens": len(tokenizer.encode(calibration_text())[:MAX_CALIBRATION_TOKENS]), "rows": rows}
+              "calibration_tokens": len(segments[0]), "gptq_calibration_tokens": sum(map(len, segments)),
+              "rows": rows}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(record, f, indent=2)

@@ -219,12 +219,19 @@ def _top1(row: dict) -> str:
     return f"{100 * row['top1_agreement']:.1f}%" if "top1_agreement" in row else "-"
 
 
+def _calibration(r: dict) -> str:
+    if "gptq_calibration_tokens" in r:  # the built-in text as 512-token segments; AWQ reads the first one
+        return (f"AWQ calibrates on the first passage of the built-in text ({r['calibration_tokens']} tokens), GPTQ "
+                f"and AWQ + GPTQ on all of it ({r['gptq_calibration_tokens']} tokens).")
+    return f"AWQ and GPTQ calibrate on the built-in text ({r['calibration_tokens']} tokens)."
+
+
 def render_quant_quality_cpu(r: dict) -> str:
     names = {"float32": "float32", "int8": "int8 (per channel)", "int4": "int4 round-to-nearest",
-             "awq": "int4 AWQ", "gptq": "int4 GPTQ"}
+             "awq": "int4 AWQ", "gptq": "int4 GPTQ", "awq-gptq": "int4 AWQ + GPTQ"}
     lines = ["## Quantization quality", "", f"Model `{r['model']}`, float weights: {r['float_source']}; perplexity "
              f"over {r['text_tokens']} tokens of `{r['text']}` (all of it unless the command says --tokens), {r['threads']} thread{'s' if r['threads'] > 1 else ''}. "
-             f"AWQ and GPTQ calibrate on the built-in text ({r['calibration_tokens']} tokens). " + _machine(r),
+             + _calibration(r) + " " + _machine(r),
              f"Command: `{r['command']}`.", "",
              ("| weights | group size | perplexity | vs float | relative logit error | KL mean / p99 (nats) | "
               "same top token | quantize s |"),

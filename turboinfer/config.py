@@ -128,7 +128,8 @@ class EngineConfig:
     quant_group_size: int = field(default=128, metadata=_flag(
         "int4 group size: 32|64|128|256 (a layer whose width it does not divide uses the largest that does)"))
     awq: bool = field(default=False, metadata=_flag(
-        "with --quantization int4: activation-aware per-channel scales searched on a built-in calibration text"))
+        "with --quantization int4: activation-aware per-channel scales searched on a built-in calibration text "
+        "(with --gptq: AWQ's scales, then GPTQ's rounding)"))
     gptq: bool = field(default=False, metadata=_flag(
         "with --quantization int4: GPTQ (error-compensating, layer by layer) on a built-in calibration text"))
     device: str = field(default="auto", metadata=_flag("device: auto|cpu|cuda"))
@@ -177,8 +178,6 @@ class EngineConfig:
             raise InvalidRequestError("--awq needs --quantization int4")
         if self.gptq and self.quantization != "int4":
             raise InvalidRequestError("--gptq needs --quantization int4")
-        if self.gptq and self.awq:
-            raise InvalidRequestError("--gptq and --awq are alternatives; pass one of them")
         if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise InvalidRequestError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of auto, int8, fp8")
         if self.max_model_len is not None and self.max_model_len < 1:

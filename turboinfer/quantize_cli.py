@@ -1,4 +1,5 @@
-"""`turboinfer quantize MODEL OUT_DIR --method int8|int4|awq|gptq`: write a quantized copy of a float HF checkpoint.
+"""`turboinfer quantize MODEL OUT_DIR --method int8|int4|awq|gptq|awq-gptq`: write a quantized copy of a float HF
+checkpoint.
 
 The model is loaded and quantized exactly as `--quantization` does at load (same dtype, same calibration), then
 each quantized layer is split back into its checkpoint shards (q/k/v, gate/up) and stored under the checkpoint's
@@ -21,20 +22,21 @@ from turboinfer.errors import InvalidRequestError
 
 # --method -> (quantization, awq, gptq)
 METHODS = {"int8": ("int8", False, False), "int4": ("int4", False, False), "awq": ("int4", True, False),
-           "gptq": ("int4", False, True)}
+           "gptq": ("int4", False, True), "awq-gptq": ("int4", True, True)}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 MAX_SHARD_BYTES = 2 * 2**30
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    help_text = "write an int8 / int4 / AWQ-int4 / GPTQ-int4 quantized copy of a float safetensors model"
+    help_text = "write an int8 / int4 / AWQ / GPTQ / AWQ+GPTQ-int4 quantized copy of a float safetensors model"
     p = subparsers.add_parser("quantize", help=help_text, description=help_text)
     p.add_argument("model", help="float model: alias, local HF directory or hub id")
     p.add_argument("out_dir", help="directory to write (created; must be empty if it exists)")
     p.add_argument("--method", choices=sorted(METHODS), required=True,
                    help="int8: per output channel; int4: per group, round to nearest; awq: int4 with "
                         "activation-aware scales from a built-in calibration text; gptq: int4 with GPTQ's error "
-                        "compensation, layer by layer on that text")
+                        "compensation, layer by layer on that text; awq-gptq: AWQ's scales, then GPTQ's rounding "
+                        "(the lowest error of the four int4 methods, the slowest to compute)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32|64|128|256 (default: 128)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded (and calibrated) in, as for --dtype "
                    "when serving; quantizing at load with the same dtype gives identical weights (default: auto)")

@@ -45,6 +45,10 @@ def test_report_shows_kl_and_top_token_columns():
     text = report.render_quant_quality_cpu(record)
     assert "| int4 AWQ | 64 | 25.000 | +7.6% | 0.240 | 0.0879 / 0.339 | 84.4% | 31.0 |" in text
     assert "| int4 AWQ | 64 | 25.000 | +7.6% | 0.240 | - | - | 31.0 |" in text
+    assert "built-in text (5 tokens)" in text
+    both = report.render_quant_quality_cpu({**record, "gptq_calibration_tokens": 50,
+                                             "rows": [{**row, "method": "awq-gptq"}]})
+    assert "| int4 AWQ + GPTQ | 64 |" in both and "(5 tokens), GPTQ and AWQ + GPTQ on all of it (50 tokens)" in both
 
 
 def test_long_context_prompts_differ_only_in_first_token():

@@ -40,7 +40,27 @@ class InputStats:
 
 
 def calibration_text() -> str:
+    """The built-in calibration text: 49 passages of English prose (encyclopedic, instructions, letters, reviews,
+    stories with dialogue; about 15,000 tokens), separated by blank lines."""
     return resources.files("turboinfer.layers.quantization").joinpath("calibration.txt").read_text()
+
+
+def calibration_segments(tokenizer, max_len: int = MAX_CALIBRATION_TOKENS) -> list[list[int]]:
+    """The calibration text as token-id segments of at most max_len tokens: whole passages packed in order, each
+    segment encoded as one text ending in a newline (a passage longer than max_len is cut). The first segment is
+    the first passage, about 350 tokens, which AWQ calibrates on; GPTQ reads them all."""
+    segments: list[list[int]] = []
+    text = ""
+    for passage in (p.strip() for p in calibration_text().split("\n\n")):
+        if not passage:
+            continue
+        joined = f"{text}\n\n{passage}" if text else passage
+        if text and len(tokenizer.encode(joined + "\n")) > max_len:
+            segments.append(tokenizer.encode(text + "\n")[:max_len])
+            joined = passage
+        text = joined
+    segments.append(tokenizer.encode(text + "\n")[:max_len])
+    return segments
 
 
 def collect_input_stats(model: nn.Module, token_ids: list[int], skip: tuple[str, ...] = ("lm_head",),
@@ -79,28 +99,46 @@ def _prefill(model: nn.Module, token_ids: list[int]) -> None:
 def calibration_batch(model: nn.Module, num_tokens: int):
     """-> (positions [num_tokens], attention metadata) for one prefill of num_tokens tokens, with a temporary KV
     cache one block long in every attention layer; the caches the layers held are put back on exit."""
+    with calibration_caches(model, num_tokens):
+        yield prefill_batch(model, num_tokens)
+
+
+@contextmanager
+def calibration_caches(model: nn.Module, max_tokens: int):
+    """Give every attention layer a temporary KV cache of two blocks of max_tokens tokens (block 0 is the null
+    block; a prefill of up to max_tokens tokens fills block 1); the caches the layers held are put back on exit."""
+    param = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
+    layers = model.attention_layers()
+    saved = [(a.k_cache, a.v_cache, a.k_scale, a.v_scale) for a in layers]
+    try:
+        for a in layers:
+            a.k_cache = torch.zeros(2, max_tokens, a.num_kv_heads, a.head_dim, dtype=param.dtype,
+                                    device=param.device)
+            a.v_cache = torch.zeros_like(a.k_cache)
+            a.k_scale = a.v_scale = None
+        yield
+    finally:
+        for a, (k, v, ks, vs) in zip(layers, saved):
+            a.k_cache, a.v_cache, a.k_scale, a.v_scale = k, v, ks, vs
+
+
+def prefill_batch(model: nn.Module, num_tokens: int) -> tuple:
+    """-> (positions [num_tokens], attention metadata) for one prefill of num_tokens tokens into block 1 of the
+    caches calibration_caches installed (num_tokens at most their block size)."""
     from turboinfer.kernels import get_ops
     from turboinfer.runner.attention_metadata import AttentionMetadata
 
     n = num_tokens
-    param = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
-    device, dtype = param.device, param.dtype
-    layers = model.attention_layers()
-    saved = [(a.k_cache, a.v_cache, a.k_scale, a.v_scale) for a in layers]
-    try:
-        for a in layers:  # block 0 is the null block; the sequence fills block 1
-            a.k_cache = torch.zeros(2, n, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
-            a.v_cache = torch.zeros_like(a.k_cache)
-            a.k_scale = a.v_scale = None
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        meta = AttentionMetadata(ops=get_ops("torch"), slot_mapping=torch.arange(n, 2 * n, device=device),
-                                 num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
-                                 decode_block_tables=empty.view(0, 1), prefill_query_lens=[n], prefill_seq_lens=[n],
-                                 prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
-        yield torch.arange(n, device=device), meta
-    finally:
-        for a, (k, v, ks, vs) in zip(layers, saved):
-            a.k_cache, a.v_cache, a.k_scale, a.v_scale = k, v, ks, vs
+    cache = model.attention_layers()[0].k_cache
+    block, device = cache.shape[1], cache.device
+    if n > block:
+        raise ValueError(f"{n} calibration tokens do not fit a temporary cache block of {block}")
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    meta = AttentionMetadata(ops=get_ops("torch"), slot_mapping=torch.arange(block, block + n, device=device),
+                             num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
+                             decode_block_tables=empty.view(0, 1), prefill_query_lens=[n], prefill_seq_lens=[n],
+                             prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
+    return torch.arange(n, device=device), meta
 
 
 def search_scale(w: torch.Tensor, stats: InputStats, group_size: int) -> torch.Tensor:

@@ -5,21 +5,27 @@ Round-to-nearest treats every weight alone. GPTQ quantizes one input column at a
 rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's output error
 ||X W^T - X Q^T||^2, i.e. H = 2 X^T X over calibration inputs X. With the Cholesky factor of H^-1 the update is
 one row of that factor per column; updates are applied lazily, inside blocks of 128 columns first and to the rest
-of the matrix once per block. Groups stay contiguous (no act-order), and each group's asymmetric [min, max] grid is
-fixed when the quantizer reaches its first column, from the error-corrected weights: the result is an ordinary
-Q4Weight that the int4 kernels run unchanged.
+of the matrix once per block. Columns go in act order (decreasing diag(H)) with static groups: each group's
+asymmetric [min, max] grid is fixed up front from the original weights, so groups stay contiguous and the result
+is an ordinary Q4Weight that the int4 kernels run unchanged.
 
-The model is quantized layer by layer on the built-in calibration text, as in the paper: a decoder layer's
-inputs come from the already quantized layers before it, and inside a layer each Linear (q|k|v, o, gate|up,
-down) sees the outputs of the ones quantized before it."""
+The model is quantized layer by layer on the built-in calibration text (49 passages, ~15,000 tokens, one
+prefill each), as in the paper: a decoder layer's inputs come from the already quantized layers before it, and inside a
+layer each Linear (q|k|v, o, gate|up, down) sees the outputs of the ones quantized before it.
+
+With --awq as well (quantize_awq_gptq), each Linear first gets AWQ's activation-aware input scales, searched on
+the inputs it sees at that point, and GPTQ then rounds the scaled weights, as llm-compressor's AWQ-then-GPTQ
+recipes do."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from turboinfer.layers.quantization.awq import InputStats, calibration_caches, prefill_batch, search_scale
 from turboinfer.layers.quantization.q4 import Q4Weight
 
 logger = logging.getLogger("turboinfer")
@@ -27,19 +33,29 @@ logger = logging.getLogger("turboinfer")
 BLOCK_SIZE = 128  # columns whose updates are applied lazily together (the paper's B)
 PERC_DAMP = 0.01  # dampening added to H's diagonal, as a fraction of its mean (the paper's)
 CHANNEL_DAMP = 0.1  # dampening added to each diagonal entry, as a fraction of itself (see quantize_gptq)
+AWQ_SAMPLE_ROWS = 512  # input rows kept (spread over the segments) for AWQ's scale search under --awq --gptq
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block_size: int = BLOCK_SIZE,
-                  perc_damp: float = PERC_DAMP, channel_damp: float = CHANNEL_DAMP) -> Q4Weight:
+                  perc_damp: float = PERC_DAMP, channel_damp: float = CHANNEL_DAMP,
+                  act_order: bool = True) -> Q4Weight:
     """w: [N, K] dense; hessian: [K, K] = 2 X^T X / num_tokens of the layer's inputs X [num_tokens, K].
 
+    act_order (the reference code's desc_act with static_groups): columns are quantized in order of decreasing
+    diag(H), the inputs with the most energy first, while they still have the most columns left to absorb their
+    error; every group's grid is fixed up front from the original weights, so groups stay contiguous in storage.
+    Without it, columns go left to right and a group's grid is set from the error-corrected weights when its
+    first column is reached. On SmolLM2-135M at group 64 (AWQ's scales first, 36 passages of calibration) act
+    order cut the KL divergence from float from 0.071 to 0.062 on benchmarks/data/lighthouses.txt and from 0.097
+    to 0.086 on 12 held-out passages of prose; GPTQ alone went from 0.111 to 0.073.
+
     Dampening: the paper's perc_damp * mean(diag H) on the diagonal keeps H invertible, and channel_damp * diag H
-    on top shrinks H toward its diagonal. The built-in calibration text is ~350 tokens, fewer than most layers'
-    input width, so H = 2 X^T X is rank-deficient and an undamped GPTQ fits those tokens at the expense of others
-    (on SmolLM2-135M it cut the calibration output error 3x while raising it on held-out text above round-to-
-    nearest's). With a diagonal H GPTQ is plain round-to-nearest, so channel_damp trades the two off; of 0, 0.03,
-    0.05, 0.1, 0.25, 0.4 and 1.5, about 0.1 did best on held-out text (group 64, tokens 600-1112 of
-    benchmarks/data/lighthouses.txt scored on their own): perplexity +9% over float against +35% undamped."""
+    on top shrinks H toward its diagonal, where GPTQ is plain round-to-nearest. Calibrated on ~350 tokens (fewer
+    than most layers' input width, so H was rank-deficient) an undamped GPTQ cut the calibration output error 3x
+    while raising it on held-out text above round-to-nearest's; about 0.1 of 0, 0.03, 0.05, 0.1, 0.25, 0.4 and 1.5
+    did best on held-out text then. On ~7,200 tokens SmolLM2-135M at group 64 still did best near 0.1 (KL from
+    float over benchmarks/data/lighthouses.txt: 0.153 undamped, 0.117 at 0.03, 0.111 at 0.1; left to right).
+    """
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
@@ -49,19 +65,29 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
     dead = h.diagonal() == 0  # an input channel that is always zero: its weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
+    scale = torch.empty(n, k // group_size, device=w.device)
+    zero = torch.empty_like(scale)
+    if act_order:
+        lo, hi = w.view(n, k // group_size, group_size).aminmax(dim=-1)
+        scale.copy_(((hi - lo) / 15).clamp(min=1e-12))
+        zero.copy_(lo)
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        group_of = (perm // group_size).tolist()  # the group of the i-th column quantized
     h.diagonal().mul_(1 + channel_damp).add_(perc_damp * h.diagonal().mean())
     # Upper Cholesky factor of H^-1: row i holds the error-feedback weights of column i onto columns > i.
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
     q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    scale = torch.empty(n, k // group_size, device=w.device)
-    zero = torch.empty_like(scale)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         w1, hb = w[:, b0:b1], h_inv[b0:b1, b0:b1]  # w1 is a view: updates land in w
         err = torch.empty_like(w1)  # [N, b1 - b0] scaled errors, fed to the columns after the block
         for i in range(b1 - b0):
-            if i % group_size == 0:
+            if act_order:
+                g = group_of[b0 + i]
+                s, z = scale[:, g], zero[:, g]
+            elif i % group_size == 0:
                 g = (b0 + i) // group_size
                 lo, hi = w1[:, i:i + group_size].aminmax(dim=1)
                 scale[:, g], zero[:, g] = ((hi - lo) / 15).clamp(min=1e-12), lo
@@ -73,16 +99,23 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
             w1[:, i + 1:].addr_(e, hb[i, i + 1:], alpha=-1)
             err[:, i] = e
         w[:, b1:].addmm_(err, h_inv[b0:b1, b1:], alpha=-1)
+    if act_order:
+        q[:, perm] = q.clone()  # back to the weights' own column order
     return Q4Weight(q, scale, zero, group_size)
 
 
 class HessianRecorder:
-    """Forward hooks summing X^T X at the input of each given Linear, and the order the Linears ran in."""
+    """Forward hooks summing X^T X at the input of each given Linear, and the order the Linears ran in. With
+    sample_rows, each pass also keeps that many evenly spaced input rows and the sum of |x| per channel, for
+    AWQ's scale search (InputStats)."""
 
-    def __init__(self, linears: dict[str, nn.Module]) -> None:
+    def __init__(self, linears: dict[str, nn.Module], sample_rows: int = 0) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
         self.order: list[str] = []
+        self.sample_rows = sample_rows
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
@@ -92,16 +125,33 @@ class HessianRecorder:
                 self.order.append(name)
                 self.sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 self.counts[name] = 0
+                self.abs_sums[name] = torch.zeros(x.shape[1], device=x.device)
+                self.samples[name] = []
             self.sums[name].addmm_(x.t(), x)
             self.counts[name] += x.shape[0]
+            if self.sample_rows:
+                self.abs_sums[name] += x.abs().sum(0)
+                rows = torch.linspace(0, x.shape[0] - 1, min(self.sample_rows, x.shape[0])).round().long()
+                self.samples[name].append(x[rows.to(x.device)])
         return record
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.sums[name] * (2 / self.counts[name])
 
+    def input_stats(self, name: str) -> InputStats:
+        return InputStats(self.abs_sums[name] / self.counts[name], torch.cat(self.samples[name]))
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def quantize_awq_gptq(w: torch.Tensor, hessian: torch.Tensor, stats: InputStats, group_size: int) -> Q4Weight:
+    """AWQ's per-channel scales s (searched as for --awq), then GPTQ's rounding of W diag(s) against the inputs
+    the layer then sees, X diag(1/s): their Hessian is diag(1/s) H diag(1/s)."""
+    s = search_scale(w, stats, group_size)
+    inv = 1.0 / s
+    return replace(quantize_gptq(w.float() * s, hessian * inv[:, None] * inv[None, :], group_size), input_scale=inv)
 
 
 class _Stop(Exception):
@@ -126,27 +176,31 @@ def _first_layer_args(model: nn.Module, token_ids: list[int], positions: torch.T
     return captured[0]
 
 
-def quantize_model_gptq(model: nn.Module, token_ids: list[int], group_size: int,
-                        device: torch.device) -> dict[str, Q4Weight]:
-    """Quantize every eligible Linear of `model` in place with GPTQ over one prefill of `token_ids`; returns the
-    quantized weights by module name, like transform.quantize_model."""
+def quantize_model_gptq(model: nn.Module, segments: list[list[int]], group_size: int, device: torch.device,
+                        awq: bool = False) -> dict[str, Q4Weight]:
+    """Quantize every eligible Linear of `model` in place with GPTQ (after AWQ's scales when `awq`) over one
+    prefill of each token-id segment; returns the quantized weights by module name, like
+    transform.quantize_model. The segments are prefilled one at a time, all through one decoder layer before the
+    next, so only their hidden states (segments x tokens x hidden) are held between layers."""
     from turboinfer.layers.quantization import quant_method_for
-    from turboinfer.layers.quantization.awq import calibration_batch
     from turboinfer.layers.quantization.transform import layer_group_size, quantizable_linears
 
     eligible = dict(quantizable_linears(model))
+    sample_rows = -(-AWQ_SAMPLE_ROWS // len(segments)) if awq else 0
     out: dict[str, Q4Weight] = {}
-    with calibration_batch(model, len(token_ids)) as (positions, meta), torch.no_grad():
-        args = _first_layer_args(model, token_ids, positions, meta)
+    with calibration_caches(model, max(map(len, segments))), torch.no_grad():
+        batches = [prefill_batch(model, len(ids)) for ids in segments]
+        states = [_first_layer_args(model, ids, *batch) for ids, batch in zip(segments, batches)]
         for idx, layer in enumerate(model.model.layers):
             prefix = f"model.layers.{idx}."
             pending = {name: m for name, m in eligible.items() if name.startswith(prefix)}
             while pending:
                 # One pass records every pending Linear's input, but only the first to run saw nothing but
                 # quantized layers upstream; quantize it and go again.
-                recorder = HessianRecorder(pending)
+                recorder = HessianRecorder(pending, sample_rows)
                 try:
-                    layer(*args)
+                    for args in states:
+                        layer(*args)
                 finally:
                     recorder.remove()
                 name = recorder.order[0]
@@ -156,11 +210,13 @@ def quantize_model_gptq(model: nn.Module, token_ids: list[int], group_size: int,
                     logger.warning("%s: in_features %d has no int4 group size dividing it; left unquantized", name,
                                    linear.in_features)
                     continue
-                qw = quantize_gptq(linear.weight.data, recorder.hessian(name), g)
+                w, h = linear.weight.data, recorder.hessian(name)
+                qw = quantize_awq_gptq(w, h, recorder.input_stats(name), g) if awq else quantize_gptq(w, h, g)
                 linear.quant_method = quant_method_for(qw, device)
                 linear.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
                 out[name] = qw
             # decoder layers map (positions, hidden, residual, meta) -> (hidden, residual) (models/llama.py)
-            hidden, residual = layer(*args)
-            args = (args[0], hidden, residual, *args[3:])
+            for i, args in enumerate(states):
+                hidden, residual = layer(*args)
+                states[i] = (args[0], hidden, residual, *args[3:])
     return out
