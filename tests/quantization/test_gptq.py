@@ -13,7 +13,7 @@ from tiny_models import full_logits
 from turboinfer import LLM
 from turboinfer.cli import main
 from turboinfer.errors import InvalidRequestError
-from turboinfer.layers.quantization.awq import (InputStats, calibration_batch, calibration_caches,
+from turboinfer.layers.quantization.awq import (calibration_batch, calibration_caches,
                                                 calibration_segments, calibration_text, collect_input_stats,
                                                 prefill_batch, quantize_awq)
 from turboinfer.layers.quantization.checkpoint import from_tensors, to_tensors
@@ -37,18 +37,11 @@ def float_model(path: str):
 
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_gptq_output_error_is_below_round_to_nearest_on_calibration_inputs(qwen2_model, group_size):
-    model, ids = float_model(qwen2_model[0])
-    stats = collect_input_stats(model, ids, max_sample_rows=len(ids))  # every calibration row
-    linears = quantizable_linears(model)
-    assert len(linears) == 4 * model.arch.num_layers
-    for name, linear in linears:
-        w, x = linear.weight.data, stats[name].sample  # x: [num_tokens, K]
-        ref = x @ w.t()
-        gptq = quantize_gptq(w, 2 * x.t() @ x / x.shape[0], group_size)
-        rtn = quantize_q4(w, group_size)
-        err_gptq = (x @ gptq.dequantize().t() - ref).norm()
-        err_rtn = (x @ rtn.dequantize().t() - ref).norm()
-        assert err_gptq < 0.9 * err_rtn, name
+    layers = list(calibrated_layers(qwen2_model[0]))
+    assert len(layers) == 4 * 2  # q|k|v, o, gate|up, down in each of the tiny model's layers
+    for name, w, x, h, _ in layers:
+        rtn = output_error(quantize_q4(w, group_size), w, x)
+        assert output_error(quantize_gptq(w, h, group_size), w, x) < 0.9 * rtn, name
 
 
 def test_act_order_keeps_each_code_in_its_own_column():
@@ -63,34 +56,33 @@ def test_act_order_keeps_each_code_in_its_own_column():
         assert torch.equal(qw.q, rtn.q) and torch.equal(qw.scale, rtn.scale) and torch.equal(qw.zero, rtn.zero)
 
 
-def test_act_order_lowers_output_error_on_calibration_inputs(qwen2_model):
-    model, ids = float_model(qwen2_model[0])
-    stats = collect_input_stats(model, ids, max_sample_rows=len(ids))
-    ratios = []
+def calibrated_layers(path: str):
+    """(name, dense weight, calibration inputs X, Hessian 2 X^T X / tokens, AWQ input stats) of every Linear."""
+    model, ids = float_model(path)
+    stats = collect_input_stats(model, ids, max_sample_rows=len(ids))  # every calibration row
     for name, linear in quantizable_linears(model):
-        w, x = linear.weight.data, stats[name].sample
-        h = 2 * x.t() @ x / x.shape[0]
+        x = stats[name].sample
+        yield name, linear.weight.data, x, 2 * x.t() @ x / x.shape[0], stats[name]
 
-        def err(qw):
-            return (x @ qw.dequantize().t() - x @ w.t()).norm()
-        ratios.append((err(quantize_gptq(w, h, 32)) / err(quantize_gptq(w, h, 32, act_order=False))).item())
+
+def output_error(qw, w: torch.Tensor, x: torch.Tensor) -> float:
+    dq = qw.dequantize() if qw.input_scale is None else qw.dequantize() * qw.input_scale
+    return (x @ dq.t() - x @ w.t()).norm().item()
+
+
+def test_act_order_lowers_output_error_on_calibration_inputs(qwen2_model):
+    ratios = [output_error(quantize_gptq(w, h, 32), w, x)
+              / output_error(quantize_gptq(w, h, 32, act_order=False), w, x)
+              for _, w, x, h, _ in calibrated_layers(qwen2_model[0])]
     assert sum(ratios) / len(ratios) < 0.95, ratios
 
 
 def test_awq_then_gptq_beats_awq_alone_on_calibration_inputs(qwen2_model):
-    model, ids = float_model(qwen2_model[0])
-    stats = collect_input_stats(model, ids, max_sample_rows=len(ids))
     ratios = []
-    for name, linear in quantizable_linears(model):
-        w, x = linear.weight.data, stats[name].sample
-        ref = x @ w.t()
-        both = quantize_awq_gptq(w, 2 * x.t() @ x / x.shape[0], stats[name], 32)
-        awq = quantize_awq(w, stats[name], 32)
+    for name, w, x, h, stats in calibrated_layers(qwen2_model[0]):
+        both, awq = quantize_awq_gptq(w, h, stats, 32), quantize_awq(w, stats, 32)
         assert both.input_scale is not None and torch.equal(both.input_scale, awq.input_scale)  # same scale search
-
-        def err(qw):
-            return (x @ (qw.dequantize() * qw.input_scale).t() - ref).norm()
-        ratios.append((err(both) / err(awq)).item())
+        ratios.append(output_error(both, w, x) / output_error(awq, w, x))
     # AWQ's clip search has no counterpart after GPTQ, so some layers gain little (0.69-0.97 here), none loses
     assert max(ratios) < 1 and sum(ratios) / len(ratios) < 0.9, ratios
 
