@@ -27,6 +27,7 @@ bench: EXTRAS = test,bench
 bench: setup
 	$(PY) benchmarks/cpu_bench.py
 	$(PY) benchmarks/long_context_cpu.py
+	$(PY) benchmarks/mixed_batch_cpu.py
 	$(PY) benchmarks/report.py
 
 .PHONY: setup chat generate test bench

@@ -298,7 +298,23 @@ def render_cpu_gguf_types(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"memory_cpu": render_memory_cpu, "cpu_long_context": render_cpu_long_context, "cpu_gguf_types": render_cpu_gguf_types, "quant_quality_cpu": render_quant_quality_cpu,
+def render_cpu_mixed_batch(r: dict) -> str:
+    lines = ["## A long prompt beside short ones on CPU (mixed prefill + decode steps)", "",
+             f"Model `{r['model']}`, {r['threads']} threads. " + _machine(r), f"Command: `{r['command']}`.", "",
+             "One `LLM.generate` of a long prompt and many 60-token prompts, 48 greedy tokens each; the long prompt's "
+             "512-token chunks share steps with the short ones' decodes, which run the PyTorch decode attention. "
+             f"Wall time, median of {r['repeats']} runs. Anchor: the same run with every decode gathered at once, "
+             "padded to the longest sequence (how it ran before the length groups); the generated tokens are "
+             "identical.", "",
+             "| long prompt | short prompts | length groups (s) | one padded gather (s) | speed-up |",
+             "|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['long_tokens']} | {x['short_prompts']} | {x['grouped_s']:.1f} | {x['padded_s']:.1f} | "
+                     f"{x['padded_s'] / x['grouped_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"cpu_mixed_batch": render_cpu_mixed_batch, "memory_cpu": render_memory_cpu, "cpu_long_context": render_cpu_long_context, "cpu_gguf_types": render_cpu_gguf_types, "quant_quality_cpu": render_quant_quality_cpu,
              "cpu_default_model": render_cpu_default_model, "bench_latency": render_bench_latency,
              "bench_throughput": render_bench_throughput, "bench_serve": render_bench_serve}
 

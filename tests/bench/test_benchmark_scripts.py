@@ -1,5 +1,5 @@
 """Helpers of the scripts in benchmarks/ that the engine tests do not reach: quant_quality.py's KL figures,
-long_context_cpu.py's prompts, and how report.py renders both into BENCHMARKS.md."""
+long_context_cpu.py's and mixed_batch_cpu.py's prompts, and how report.py renders them into BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -69,3 +69,16 @@ def test_report_renders_long_context_rows():
               "rows": [row]}
     text = report.render_cpu_long_context(record)
     assert "| 8000 | 9.00 (60.00) | 6.67x faster | 39.0 (26.0) | 1.50x |" in text
+
+
+def test_mixed_batch_prompts_and_report():
+    mb = _load("mixed_batch_cpu")
+    prompts = mb.batch(list(range(100)), 250, 3)
+    assert [len(p) for p in prompts] == [250, 60, 60, 60]
+    assert prompts[0][100:200] == list(range(100)) and prompts[2][0] == 20
+    report = _load("report")
+    text = report.render_cpu_mixed_batch({
+        "model": "m", "threads": 2, "repeats": 2, "command": "python benchmarks/mixed_batch_cpu.py",
+        "machine": {"cpu": "cpu", "cores": 2}, "versions": {}, "date": "2026-11-23",
+        "rows": [{"long_tokens": 6000, "short_prompts": 32, "grouped_s": 13.4, "padded_s": 27.0}]})
+    assert "| 6000 | 32 | 13.4 | 27.0 | 2.01x |" in text
