@@ -75,8 +75,7 @@ def collect_input_stats(model: nn.Module, token_ids: list[int], skip: tuple[str,
     def hook(name):
         def record(module, args, output):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [num_tokens, K]
-            rows = torch.linspace(0, x.shape[0] - 1, min(max_sample_rows, x.shape[0])).round().long()
-            stats[name] = InputStats(x.abs().mean(0), x[rows.to(x.device)].clone())
+            stats[name] = InputStats(x.abs().mean(0), spread_rows(x, max_sample_rows))
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
@@ -87,6 +86,12 @@ def collect_input_stats(model: nn.Module, token_ids: list[int], skip: tuple[str,
         for h in handles:
             h.remove()
     return stats
+
+
+def spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A copy of at most n evenly spaced rows of x [rows, K], first and last included."""
+    rows = torch.linspace(0, x.shape[0] - 1, min(n, x.shape[0])).round().long()
+    return x[rows.to(x.device)]
 
 
 def _prefill(model: nn.Module, token_ids: list[int]) -> None:

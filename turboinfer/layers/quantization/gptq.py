@@ -25,8 +25,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from turboinfer.layers.quantization.awq import InputStats, calibration_caches, prefill_batch, search_scale
-from turboinfer.layers.quantization.q4 import Q4Weight
+from turboinfer.layers.quantization.awq import (InputStats, calibration_caches, prefill_batch, search_scale,
+                                                spread_rows)
+from turboinfer.layers.quantization.q4 import Q4Weight, q4_grid
 
 logger = logging.getLogger("turboinfer")
 
@@ -65,15 +66,14 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
     dead = h.diagonal() == 0  # an input channel that is always zero: its weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    scale = torch.empty(n, k // group_size, device=w.device)
-    zero = torch.empty_like(scale)
     if act_order:
-        lo, hi = w.view(n, k // group_size, group_size).aminmax(dim=-1)
-        scale.copy_(((hi - lo) / 15).clamp(min=1e-12))
-        zero.copy_(lo)
+        scale, zero = q4_grid(w.view(n, k // group_size, group_size))
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
         group_of = (perm // group_size).tolist()  # the group of the i-th column quantized
+    else:  # filled group by group as the columns are reached
+        scale = torch.empty(n, k // group_size, device=w.device)
+        zero = torch.empty_like(scale)
     h.diagonal().mul_(1 + channel_damp).add_(perc_damp * h.diagonal().mean())
     # Upper Cholesky factor of H^-1: row i holds the error-feedback weights of column i onto columns > i.
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
@@ -89,8 +89,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
                 s, z = scale[:, g], zero[:, g]
             elif i % group_size == 0:
                 g = (b0 + i) // group_size
-                lo, hi = w1[:, i:i + group_size].aminmax(dim=1)
-                scale[:, g], zero[:, g] = ((hi - lo) / 15).clamp(min=1e-12), lo
+                scale[:, g], zero[:, g] = q4_grid(w1[:, i:i + group_size])
                 s, z = scale[:, g], zero[:, g]
             col = w1[:, i]
             codes = ((col - z) / s).round_().clamp_(0, 15)
@@ -131,8 +130,7 @@ class HessianRecorder:
             self.counts[name] += x.shape[0]
             if self.sample_rows:
                 self.abs_sums[name] += x.abs().sum(0)
-                rows = torch.linspace(0, x.shape[0] - 1, min(self.sample_rows, x.shape[0])).round().long()
-                self.samples[name].append(x[rows.to(x.device)])
+                self.samples[name].append(spread_rows(x, self.sample_rows))
         return record
 
     def hessian(self, name: str) -> torch.Tensor:

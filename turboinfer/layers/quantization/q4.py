@@ -76,10 +76,16 @@ def quantize_q4(w: torch.Tensor, group_size: int) -> Q4Weight:
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
     groups = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = groups.amin(-1), groups.amax(-1)  # [N, K // g]
-    scale = ((hi - lo) / 15).clamp(min=1e-12)  # a constant group: codes 0, zero = its value, exact
+    scale, lo = q4_grid(groups)  # [N, K // g]
     q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
     return Q4Weight(q.reshape(n, k), scale, lo, group_size)
+
+
+def q4_grid(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the asymmetric 16-level grid over each group's [min, max], along the last dimension. A
+    constant group gets scale 1e-12: codes 0, zero = its value, exact."""
+    lo, hi = groups.aminmax(dim=-1)
+    return ((hi - lo) / 15).clamp(min=1e-12), lo
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
