@@ -114,7 +114,8 @@ def rewrite_gguf(src: str, dst: str, retype: dict, add: dict | None = None) -> s
     return dst
 
 
-SCALE_OFFSETS = {12: (0, 2), 13: (0, 2), 14: (208,), 8: (0,)}  # Q4_K, Q5_K, Q6_K, Q8_0: where the fp16 scales are
+# Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q5_1: where the fp16 scales are
+SCALE_OFFSETS = {12: (0, 2), 13: (0, 2), 14: (208,), 8: (0,), 6: (0,), 7: (0, 2)}
 
 
 def random_blocks(qtype, n: int, k: int, seed: int) -> np.ndarray:

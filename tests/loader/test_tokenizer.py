@@ -173,12 +173,21 @@ def spm_gguf(tmp_path_factory):
         if ch not in tokens:
             tokens.append(ch), types.append(1), scores.append(-1000.0 - i)
     tokens.append("<|user|>"), types.append(4), scores.append(0.0)
+    tokens.append("<end_of_turn>"), types.append(3), scores.append(0.0)
     kv = {"llama.embedding_length": 64, "llama.block_count": 1, "llama.attention.head_count": 4,
           "llama.feed_forward_length": 96, "llama.context_length": 512, "tokenizer.ggml.model": "llama",
           "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
           "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
     path = tmp_path_factory.mktemp("spm") / "spm.gguf"
     return write_gguf_file(path, "llama", {"token_embd.weight": np.zeros((len(tokens), 64), np.float32)}, kv)
+
+
+def test_end_of_turn_token_stops_without_eot_key(spm_gguf):
+    """The file names only an EOS; like llama.cpp, a control token that ends a chat turn (Gemma's <end_of_turn>)
+    is an end-of-generation token too."""
+    tok = Tokenizer.from_gguf(GGUFFile(spm_gguf))
+    assert tok.eos_token_id == 2
+    assert tok.eos_token_ids == {2, tok.token_to_id("<end_of_turn>")}
 
 
 def test_sentencepiece_vocab_equals_transformers(spm_gguf):

@@ -1,4 +1,4 @@
-"""GGUF Q8_0 / Q5_K / Q6_K kept as int8 codes: exact against the gguf package's dequantization, mixed with 4-bit
+"""GGUF Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K kept as int8 codes: exact against the gguf package's dequantization, mixed with 4-bit
 shards in one merged layer, and the C kernel against the float matmul.
 
 Tolerances: the decomposition is exact (torch.equal). The C kernel quantizes each row of x to int16 (error at most
@@ -29,14 +29,14 @@ def reference(raw: np.ndarray, qtype, shape) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(ref.dequantize(raw, qtype), dtype=np.float32)).reshape(shape)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_decomposition_is_exact(qtype):
     n, k = 24, 512
     raw = random_blocks(qtype, n, k, int(qtype))
     w = decompose_grouped_int8(int(qtype), raw, (n, k))
     assert w.q.dtype == torch.int8 and w.q.shape == (n, k)
     assert w.group_size == (16 if qtype == T.Q6_K else 32)
-    assert (w.zero is not None) == (qtype == T.Q5_K)
+    assert (w.zero is not None) == (qtype in (T.Q5_K, T.Q5_1))
     assert torch.equal(w.dequantize(), reference(raw, qtype, (n, k)))
     # rows, regrouping and the row-block dequantization keep it exact
     assert torch.equal(w.rows(5, 7).dequantize(), reference(raw, qtype, (n, k))[5:12])

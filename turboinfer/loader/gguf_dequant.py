@@ -22,10 +22,10 @@ import torch
 from turboinfer.errors import ModelLoadError, UnsupportedModelError
 
 # ggml type ids (enum ggml_type); the numbers are part of the file format.
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K",
-              Q6_K: "Q6_K", BF16: "BF16"}
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0",
+              Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16"}
 
 QK_K = 256  # weights per K-quant super-block
 
@@ -37,6 +37,8 @@ BLOCK_SIZES: dict[int, tuple[int, int]] = {
     Q8_0: (32, 2 + 32),  # d:f16, qs:int8[32]
     Q4_0: (32, 2 + 16),  # d:f16, qs:4-bit[32]
     Q4_1: (32, 2 + 2 + 16),  # d:f16, m:f16, qs:4-bit[32]
+    Q5_0: (32, 2 + 4 + 16),  # d:f16, qh:32 fifth bits, qs:4-bit[32]
+    Q5_1: (32, 2 + 2 + 4 + 16),  # d:f16, m:f16, qh, qs
     Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),  # d, dmin, 8x(6-bit scale, 6-bit min), qs:4-bit[256]
     Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # as Q4_K plus qh: the 5th bit of each weight
     Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql:4-bit, qh:2-bit, scales:int8[16], d:f16
@@ -92,6 +94,21 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
     q = _nibbles(b[:, 4:]).float()  # [n, 32], offset by the block minimum m
     return d * q + m
+
+
+def q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1 codes in [0, 31]: qh [n, 4] (bit j: the 5th bit of weight j), qs [n, 16] -> [n, 32] uint8."""
+    bits = qh.contiguous().view(torch.int32)  # little-endian uint32; bit 31 lands in the sign, & 1 clears it
+    high = ((bits >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)  # [n, 32]
+    return _nibbles(qs) | (high << 4)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b[:, :2]) * (q5_codes(b[:, 2:6], b[:, 6:]).float() - 16.0)
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b[:, :2]) * q5_codes(b[:, 4:8], b[:, 8:]).float() + _f16(b[:, 2:4])
 
 
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +170,8 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (scale * q.reshape(-1, 16, 16)).reshape(-1, QK_K)
 
 
-_BLOCK_DECODERS = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}
+_BLOCK_DECODERS = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q4_K: _q4_k, Q5_K: _q5_k,
+                   Q6_K: _q6_k}
 
 
 def dequantize(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:

