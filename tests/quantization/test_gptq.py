@@ -17,7 +17,8 @@ from turboinfer.layers.quantization.awq import (calibration_batch, calibration_c
                                                 calibration_segments, calibration_text, collect_input_stats,
                                                 prefill_batch, quantize_awq)
 from turboinfer.layers.quantization.checkpoint import from_tensors, to_tensors
-from turboinfer.layers.quantization.gptq import quantize_awq_gptq, quantize_gptq, quantize_model_gptq
+from turboinfer.layers.quantization.gptq import (quantize_awq_gptq, quantize_gptq, quantize_model_gptq,
+                                                 refit_grid)
 from turboinfer.layers.quantization.q4 import quantize_q4
 from turboinfer.layers.quantization.transform import quantizable_linears
 from turboinfer.loader.model_loader import load_arch, load_tokenizer, load_weights_into
@@ -52,8 +53,36 @@ def test_act_order_keeps_each_code_in_its_own_column():
     diag = torch.rand(256) + 0.1  # distinct values: a real permutation
     rtn = quantize_q4(w, 64)
     for act_order in (True, False):
-        qw = quantize_gptq(w, torch.diag(diag), 64, act_order=act_order)
+        qw = quantize_gptq(w, torch.diag(diag), 64, act_order=act_order, refit_rounds=0)
         assert torch.equal(qw.q, rtn.q) and torch.equal(qw.scale, rtn.scale) and torch.equal(qw.zero, rtn.zero)
+
+
+def test_refit_grid_is_the_least_squares_solution():
+    """Per row, the refitted (scale, zero) of every group equal an explicit least-squares solve of
+    min ||X (w_r - A theta)||, A holding each group's codes and ones, computed independently by lstsq."""
+    torch.manual_seed(1)
+    w, x = torch.randn(6, 128, dtype=torch.float64), torch.randn(400, 128, dtype=torch.float64)
+    x[:, :32] *= 5  # uneven input energy, so the fit differs from an unweighted one
+    qw = quantize_q4(w.float(), 32)
+    h = x.t() @ x
+    fit = refit_grid(w.float(), qw, h.float())
+    for r in range(6):
+        a = torch.zeros(128, 8, dtype=torch.float64)
+        for g in range(4):
+            a[g * 32:(g + 1) * 32, g] = qw.q[r, g * 32:(g + 1) * 32].double()
+            a[g * 32:(g + 1) * 32, 4 + g] = 1
+        theta = torch.linalg.lstsq(x @ a, x @ w[r]).solution
+        torch.testing.assert_close(fit.scale[r].double(), theta[:4], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fit.zero[r].double(), theta[4:], rtol=1e-4, atol=1e-6)
+    assert torch.equal(fit.q, qw.q)
+
+
+def test_refit_rounds_lower_output_error_on_calibration_inputs(qwen2_model):
+    ratios = []
+    for name, w, x, h, _ in calibrated_layers(qwen2_model[0]):
+        plain, refit = quantize_gptq(w, h, 32, refit_rounds=0), quantize_gptq(w, h, 32)
+        ratios.append(output_error(refit, w, x) / output_error(plain, w, x))
+    assert max(ratios) <= 1 + 1e-6 and sum(ratios) / len(ratios) < 0.95, ratios
 
 
 def calibrated_layers(path: str):

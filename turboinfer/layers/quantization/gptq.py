@@ -35,12 +35,21 @@ BLOCK_SIZE = 128  # columns whose updates are applied lazily together (the paper
 PERC_DAMP = 0.01  # dampening added to H's diagonal, as a fraction of its mean (the paper's)
 CHANNEL_DAMP = 0.1  # dampening added to each diagonal entry, as a fraction of itself (see quantize_gptq)
 AWQ_SAMPLE_ROWS = 512  # input rows kept (spread over the segments) for AWQ's scale search under --awq --gptq
+REFIT_ROUNDS = 2  # GPTQ passes re-run on the least-squares grid of the previous one (see quantize_gptq)
+REFIT_CHUNK_BYTES = 1 << 28  # working memory of the least-squares fit, per block of rows
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block_size: int = BLOCK_SIZE,
                   perc_damp: float = PERC_DAMP, channel_damp: float = CHANNEL_DAMP,
-                  act_order: bool = True) -> Q4Weight:
+                  act_order: bool = True, refit_rounds: int = REFIT_ROUNDS) -> Q4Weight:
     """w: [N, K] dense; hessian: [K, K] = 2 X^T X / num_tokens of the layer's inputs X [num_tokens, K].
+
+    GPTQ picks codes on a grid it never revisits. With refit_rounds, each group's scale and zero are then
+    re-solved by least squares for the chosen codes against the layer's output error (refit_grid: exact, so the
+    error on the calibration inputs can only fall), and GPTQ runs again on that grid, then the grid is re-solved
+    again, refit_rounds times, keeping the result with the lowest error. On SmolLM2-135M (AWQ's scales first) the
+    KL divergence from float over benchmarks/data/lighthouses.txt fell from 0.061 to 0.055 at group 64 and from
+    0.071 to 0.062 at group 128; one fit without the further passes reached 0.057 at group 64.
 
     act_order (the reference code's desc_act with static_groups): columns are quantized in order of decreasing
     diag(H), the inputs with the most energy first, while they still have the most columns left to absorb their
@@ -57,6 +66,26 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
     did best on held-out text then. On ~7,200 tokens SmolLM2-135M at group 64 still did best near 0.1 (KL from
     float over benchmarks/data/lighthouses.txt: 0.153 undamped, 0.117 at 0.03, 0.111 at 0.1; left to right).
     """
+    kw = dict(block_size=block_size, perc_damp=perc_damp, channel_damp=channel_damp, act_order=act_order)
+    qw = _gptq_pass(w, hessian, group_size, **kw)
+    if not refit_rounds:
+        return qw
+    best = refit_grid(w, qw, hessian)
+    best_err = output_error(w, best, hessian)
+    for _ in range(refit_rounds):
+        cand = refit_grid(w, _gptq_pass(w, hessian, group_size, grid=(best.scale, best.zero), **kw), hessian)
+        err = output_error(w, cand, hessian)
+        if err >= best_err:
+            break
+        best, best_err = cand, err
+    return best
+
+
+def _gptq_pass(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block_size: int, perc_damp: float,
+               channel_damp: float, act_order: bool, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> Q4Weight:
+    """One GPTQ pass. grid: every group's (scale, zero) [N, K // group_size], fixed up front (static groups, in
+    either column order); None: from the weights (act order: the original ones; left to right: the
+    error-corrected ones when a group's first column is reached)."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
@@ -66,14 +95,20 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
     dead = h.diagonal() == 0  # an input channel that is always zero: its weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    if act_order:
+    static = act_order or grid is not None
+    if grid is not None:
+        scale, zero = grid[0].float().clone(), grid[1].float().clone()
+    elif act_order:
         scale, zero = q4_grid(w.view(n, k // group_size, group_size))
-        perm = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-        group_of = (perm // group_size).tolist()  # the group of the i-th column quantized
     else:  # filled group by group as the columns are reached
         scale = torch.empty(n, k // group_size, device=w.device)
         zero = torch.empty_like(scale)
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        group_of = (perm // group_size).tolist()  # the group of the i-th column quantized
+    else:
+        group_of = [c // group_size for c in range(k)]
     h.diagonal().mul_(1 + channel_damp).add_(perc_damp * h.diagonal().mean())
     # Upper Cholesky factor of H^-1: row i holds the error-feedback weights of column i onto columns > i.
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
@@ -84,7 +119,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
         w1, hb = w[:, b0:b1], h_inv[b0:b1, b0:b1]  # w1 is a view: updates land in w
         err = torch.empty_like(w1)  # [N, b1 - b0] scaled errors, fed to the columns after the block
         for i in range(b1 - b0):
-            if act_order:
+            if static:
                 g = group_of[b0 + i]
                 s, z = scale[:, g], zero[:, g]
             elif i % group_size == 0:
@@ -101,6 +136,45 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block
     if act_order:
         q[:, perm] = q.clone()  # back to the weights' own column order
     return Q4Weight(q, scale, zero, group_size)
+
+
+def output_error(w: torch.Tensor, qw: Q4Weight, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer's summed squared output error on the calibration inputs (H as above)."""
+    d = w.double() - qw.dequantize().double()
+    return (d @ hessian.double() * d).sum().item()
+
+
+def refit_grid(w: torch.Tensor, qw: Q4Weight, hessian: torch.Tensor) -> Q4Weight:
+    """The same codes with every group's scale and zero re-solved to minimise output_error: for each row r,
+    w_hat = sum over groups g of (scale[r, g] q_g + zero[r, g] 1_g) is linear in the row's 2G unknowns, so they
+    solve one symmetric 2G x 2G system. A vanishing ridge (1e-9 of the mean diagonal) toward the current grid
+    keeps a group whose inputs are all zero where it was; a non-positive solved scale keeps its old pair."""
+    n, k = w.shape
+    gs = qw.group_size
+    ng = k // gs
+    hb = hessian.double().view(ng, gs, ng, gs)
+    hsum = hb.sum(3)  # [G, gs, G]: H summed over the columns of each group
+    m_zz = hsum.sum(1)  # [G, G]
+    step = max(1, REFIT_CHUNK_BYTES // (8 * k * ng))
+    scale, zero = qw.scale.clone(), qw.zero.clone()
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        q = qw.q[r0:r1].double().view(r1 - r0, ng, gs)
+        t = torch.einsum("rbj,aibj->raib", q, hb)  # [R, G, gs, G]: (H q_r) per group pair
+        m_ss = torch.einsum("rai,raib->rab", q, t)
+        m_sz = torch.einsum("rai,aib->rab", q, hsum)
+        hw = (w[r0:r1].double() @ hessian.double()).view(r1 - r0, ng, gs)
+        m = torch.cat([torch.cat([m_ss, m_sz], 2), torch.cat([m_sz.transpose(1, 2), m_zz.expand_as(m_ss)], 2)], 1)
+        b = torch.cat([(q * hw).sum(-1), hw.sum(-1)], 1)
+        old = torch.cat([scale[r0:r1], zero[r0:r1]], 1).double()
+        ridge = 1e-9 * m.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).clamp_min(1e-30)
+        m = m + torch.diag_embed(ridge.expand(-1, 2 * ng))
+        theta = torch.linalg.solve(m, (b + ridge * old)[..., None])[..., 0]
+        s, z = theta[:, :ng].float(), theta[:, ng:].float()
+        ok = s > 0
+        scale[r0:r1] = torch.where(ok, s, scale[r0:r1])
+        zero[r0:r1] = torch.where(ok, z, zero[r0:r1])
+    return replace(qw, scale=scale, zero=zero)
 
 
 class HessianRecorder:
