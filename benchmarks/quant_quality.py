@@ -4,6 +4,10 @@ benchmarks/data/lighthouses.txt (1,141 tokens).
 
     python benchmarks/quant_quality.py [--model ALIAS_OR_PATH] [--tokens N] [--group-sizes 32,64,128]
                                        [--threads 1] [--json benchmarks/results/quant_quality_cpu.json]
+                                       [--text PATH] [--methods gptq,awq-gptq]
+
+`--model gemma3-270m` scores the second model available offline (its GGUF stores most quantized layers at 5 to 8
+bits); `--text` another text, to check that a figure is not the benchmark text's alone.
 
 The float weights are a GGUF's dequantized to float32 (the default model ships only as Q4_1 GGUF), then quantized
 exactly as `--quantization` does at load (`quantize_loaded`, same calibration text). Every configuration runs the
@@ -50,6 +54,15 @@ def divergence(logits: torch.Tensor, ref: torch.Tensor) -> dict:
             "top1_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
+def _checkpoint_names(name: str) -> list[str]:
+    """The checkpoint tensors a merged Linear was loaded from (qkv_proj -> q/k/v_proj, gate_up -> gate/up)."""
+    for merged, parts in ((".qkv_proj", (".q_proj", ".k_proj", ".v_proj")),
+                          (".gate_up_proj", (".gate_proj", ".up_proj"))):
+        if name.endswith(merged):
+            return [name[:-len(merged)] + p + ".weight" for p in parts]
+    return [name + ".weight"]
+
+
 def configurations(group_sizes: list[int]) -> list[dict]:
     rows = [dict(method="float32"), dict(method="int8")]
     for g in group_sizes:
@@ -63,6 +76,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=0, help="score only the first N tokens of the text (0: all)")
     ap.add_argument("--group-sizes", default="32,64,128")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--text", default=TEXT, help="the text to score (default: benchmarks/data/lighthouses.txt)")
+    ap.add_argument("--methods", default="", help="comma-separated subset of int8,int4,awq,gptq,awq-gptq "
+                    "(float32 always runs; default: all)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "quant_quality_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,7 +93,7 @@ def main() -> None:
 
     resolved = resolve_model(args.model)
     tokenizer = load_tokenizer(resolved)
-    ids = tokenizer.encode(open(TEXT).read(), add_special_tokens=False)[:args.tokens or None]
+    ids = tokenizer.encode(open(args.text).read(), add_special_tokens=False)[:args.tokens or None]
     device = torch.device("cpu")
     model = build_model(load_arch(resolved), device, torch.float32)
     load_weights_into(model, resolved, device, keep_packed=False)  # GGUF 4-bit blocks -> float32
@@ -86,7 +102,10 @@ def main() -> None:
 
     ref = None
     rows = []
+    wanted = set(filter(None, args.methods.split(","))) | {"float32"}
     for cfg in configurations([int(g) for g in args.group_sizes.split(",")]):
+        if args.methods and cfg["method"] not in wanted:
+            continue
         for name, m in linears:  # back to the float model
             m.weight, m.quant_method = float_weights[name], UnquantizedMethod()
         method, g = cfg["method"], cfg.get("group_size", 128)
@@ -108,11 +127,24 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr)
 
     segments = calibration_segments(tokenizer)
+    source_types = {}
+    if resolved.kind == "gguf":  # what the "float" weights of the quantized layers were stored as
+        from turboinfer.loader.gguf_dequant import type_name
+        from turboinfer.loader.gguf_file import GGUFFile
+
+        f = GGUFFile(resolved.path)
+        for name, _ in linears:
+            for part in _checkpoint_names(name):
+                if part in f.tensor_names():
+                    t = type_name(f.raw_tensor(part)[0])
+                    source_types[t] = source_types.get(t, 0) + 1
     record = {"benchmark": "quant_quality_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "machine": machine_info(), "versions": versions(),
               "model": resolved.display_name,
-              "float_source": "GGUF dequantized to float32", "threads": args.threads,
-              "text": os.path.relpath(TEXT, os.path.dirname(HERE)), "text_tokens": len(ids),
+              "float_source": "GGUF dequantized to float32" if resolved.kind == "gguf" else "checkpoint",
+              "source_types": source_types, "threads": args.threads,
+              "text": os.path.relpath(args.text, os.path.dirname(HERE)) if args.text == TEXT else args.text,
+              "text_tokens": len(ids),
               "calibration_tokens": len(segments[0]), "gptq_calibration_tokens": sum(map(len, segments)),
               "rows": rows}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

@@ -229,7 +229,8 @@ def _calibration(r: dict) -> str:
 def render_quant_quality_cpu(r: dict) -> str:
     names = {"float32": "float32", "int8": "int8 (per channel)", "int4": "int4 round-to-nearest",
              "awq": "int4 AWQ", "gptq": "int4 GPTQ", "awq-gptq": "int4 AWQ + GPTQ"}
-    lines = ["## Quantization quality", "", f"Model `{r['model']}`, float weights: {r['float_source']}; perplexity "
+    lines = [f"## Quantization quality: {r['model']}", "",
+             f"Model `{r['model']}`, float weights: {r['float_source']}; perplexity "
              f"over {r['text_tokens']} tokens of `{r['text']}` (all of it unless the command says --tokens), {r['threads']} thread{'s' if r['threads'] > 1 else ''}. "
              + _calibration(r) + " " + _machine(r),
              f"Command: `{r['command']}`.", "",
@@ -244,9 +245,21 @@ def render_quant_quality_cpu(r: dict) -> str:
             groups += f" ({', '.join(fallback)})"
         lines.append(f"| {names.get(x['method'], x['method'])} | {groups} | {x['perplexity']:.3f} | "
                      f"{x['vs_float_pct']:+.1f}% | {x['rel_logit_error']:.3f} | {_kl(x)} | {_top1(x)} | {x['quantize_s']:.1f} |")
-    if r["float_source"].startswith("GGUF"):
+    types = r.get("source_types") or {}
+    if types:
+        lines[2] += " Quantized layers' tensors in the GGUF: " + ", ".join(f"{t} x{n}" for t, n in types.items())
+        lines[2] += "."
+    four_bit = {"Q4_0", "Q4_1", "Q4_K"}
+    ran_32 = any(x.get("group_size") == 32 for x in r["rows"])
+    if r["float_source"].startswith("GGUF") and set(types) <= four_bit:
         lines += ["", "The float weights were themselves 4-bit with groups of 32 (the GGUF), so int4 at group 32 "
-                      "lands back on that grid exactly: its row is no test of the method. Groups of 64 and 128 are."]
+                      + ("lands back on that grid exactly: its row is no test of the method."
+                         if ran_32 else "would land back on that grid exactly: no test of the method, so not run.")
+                      + " Groups of 64 and 128 are."]
+    elif types and ran_32:
+        above = sum(n for t, n in types.items() if t not in four_bit)
+        lines += ["", f"{above} of the {sum(types.values())} tensors were stored above 4 bits, so group 32 is a real "
+                      "rounding for them (the 4-bit ones have groups of 32 already)."]
     return "\n".join(lines)
 
 
