@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from turboinfer.config import EngineConfig, add_cli_args, from_cli_args
-from turboinfer.errors import TurboInferError
+from turboinfer.errors import InvalidRequestError, TurboInferError
 
 SAMPLING_FLAGS = [
     # (flag, type, default, help)
@@ -94,6 +94,9 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     params = sampling_from_args(args)
     llm = _make_llm(args)
+    if llm.engine.tokenizer.chat_template is None:
+        raise InvalidRequestError(f"the model {args.model or ''} has no chat template (a base model, not a chat "
+                                  "one): use `turboinfer generate PROMPT` for plain completions")
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

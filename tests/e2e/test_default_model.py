@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,22 @@ def test_cli_chat_multi_turn(default_model_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "conversation cleared" in r.stderr
+
+
+def test_cli_chat_refuses_a_model_without_chat_template(tmp_path_factory):
+    """A base model (gemma3-270m ships none) gets one clear error before the prompt, naming the command to use."""
+    from tiny_models import make_tiny_model
+
+    path, _ = make_tiny_model(tmp_path_factory, "llama-mqa")
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(cfg_path, "w"))
+    if os.path.exists(os.path.join(path, "chat_template.jinja")):
+        os.unlink(os.path.join(path, "chat_template.jinja"))
+    r = run_cli("chat", "--model", path, "--kv-cache-memory", "64MiB", stdin="Hi\n")
+    assert r.returncode == 2
+    assert "has no chat template" in r.stderr and "turboinfer generate" in r.stderr and ">>>" not in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [
