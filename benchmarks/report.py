@@ -33,10 +33,13 @@ def render_cpu_default_model(r: dict) -> str:
     ours = res["turboinfer"]
     hf, lc = res.get("transformers", {}), res.get("llama.cpp", {})
     m = r["machine"]
+    default = r["model"] == "smollm2-135m-instruct"
+    about = "(SmolLM2-135M-Instruct, Q4_1 GGUF)" if default else "(GGUF)"
     lines = [
-        "## Default model on CPU: turboinfer vs HF transformers vs llama.cpp",
+        f"## {'Default model' if default else r['model']} on CPU: turboinfer vs "
+        f"{'HF transformers vs ' if hf else ''}llama.cpp",
         "",
-        f"Model `{r['model']}` (SmolLM2-135M-Instruct, Q4_1 GGUF), {r['threads']} threads, "
+        f"Model `{r['model']}` {about}, {r['threads']} threads, "
         f"{m['cpu']} ({m['cores']} cores{_caches(m)}), torch {m['torch']}, {r['date']}.",
         f"Command: `{r['command']}`.",
         "",
@@ -48,10 +51,10 @@ def render_cpu_default_model(r: dict) -> str:
         "| engine | weights / compute | decode tok/s | prefill tok/s | 16-way aggregate tok/s | perplexity |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    rows = [("turboinfer", f"Q4 packed / {ours.get('dtype')}", ours),
+    rows = [("turboinfer", f"{'Q4' if default else 'GGUF'} packed / {ours.get('dtype')}", ours),
             ("turboinfer", "dequantized / float32", res.get("turboinfer_float32")),
             ("HF transformers", "dequantized / float32", hf or None),
-            ("llama.cpp (llama-cpp-python)", "Q4_1 / native", lc or None)]
+            ("llama.cpp (llama-cpp-python)", f"{'Q4_1' if default else 'GGUF'} / native", lc or None)]
     for name, kind, v in rows:
         if not v:
             continue
