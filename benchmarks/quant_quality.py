@@ -56,11 +56,10 @@ def divergence(logits: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def _checkpoint_names(name: str) -> list[str]:
     """The checkpoint tensors a merged Linear was loaded from (qkv_proj -> q/k/v_proj, gate_up -> gate/up)."""
-    for merged, parts in ((".qkv_proj", (".q_proj", ".k_proj", ".v_proj")),
-                          (".gate_up_proj", (".gate_proj", ".up_proj"))):
-        if name.endswith(merged):
-            return [name[:-len(merged)] + p + ".weight" for p in parts]
-    return [name + ".weight"]
+    from turboinfer.models.llama import STACKED
+
+    full = name + ".weight"
+    return [full.replace(merged, frag) for frag, (merged, _) in STACKED.items() if merged in full] or [full]
 
 
 def configurations(group_sizes: list[int]) -> list[dict]:

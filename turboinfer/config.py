@@ -79,7 +79,7 @@ class ModelArch:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         if arch in GEMMA3_FAMILY:
-            return cls._gemma3(cfg, arch)
+            return cls._gemma3(cfg, arch, num_heads, hidden)
         # transformers >= 5 keeps rope settings in rope_parameters; older configs in rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -90,11 +90,8 @@ class ModelArch:
             scaling["rope_type"] = kind
             if kind == "default":
                 scaling = None
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         model_type = LLAMA_FAMILY[arch]
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
-        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         return cls(
             architecture=arch,
             model_type=model_type,
@@ -115,12 +112,12 @@ class ModelArch:
             sliding_window=int(window) if window else None,
             hidden_act=cfg.get("hidden_act", "silu"),
             bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=str(dtype).replace("torch.", ""),
+            eos_token_ids=_eos_ids(cfg),
+            torch_dtype=_saved_dtype(cfg),
         )
 
     @classmethod
-    def _gemma3(cls, cfg: dict[str, Any], arch: str) -> "ModelArch":
+    def _gemma3(cls, cfg: dict[str, Any], arch: str, num_heads: int, hidden: int) -> "ModelArch":
         """Gemma 3 text: five sliding-window layers (local RoPE base 10,000) to one global layer, by default."""
         rope = cfg.get("rope_parameters") or {}
         if "full_attention" in rope:  # transformers >= 5: one entry per layer type
@@ -141,15 +138,10 @@ class ModelArch:
             types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
         if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
             raise UnsupportedModelError(f"Gemma 3 layer_types {types!r} do not fit {num_layers} layers")
-        for key in ("attn_logit_softcapping",):
-            if cfg.get(key) is not None:
-                raise UnsupportedModelError(f"Gemma 3 {key}={cfg[key]!r} is not supported")
-        num_heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        if cfg.get("attn_logit_softcapping") is not None:
+            raise UnsupportedModelError(f"Gemma 3 attn_logit_softcapping={cfg['attn_logit_softcapping']!r} is not "
+                                        "supported")
         window = cfg.get("sliding_window")
-        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         cap = cfg.get("final_logit_softcapping")
         return cls(
             architecture=arch,
@@ -171,13 +163,22 @@ class ModelArch:
             sliding_window=int(window) if window else None,
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh",
             bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=str(dtype).replace("torch.", ""),
+            eos_token_ids=_eos_ids(cfg),
+            torch_dtype=_saved_dtype(cfg),
             layer_types=tuple(types) if window else None,
             rope_local_theta=float(local.get("rope_theta", 10_000.0)),
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or int(cfg.get("head_dim") or 256)),
             final_logit_softcapping=float(cap) if cap else None,
         )
+
+
+def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    return tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+
+
+def _saved_dtype(cfg: dict[str, Any]) -> str:
+    return str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
 
 
 def _flag(help: str, **kw) -> dict:

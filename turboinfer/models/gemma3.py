@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from turboinfer.config import ModelArch
-from turboinfer.layers.attention import Attention
 from turboinfer.layers.linear import Linear
 from turboinfer.layers.norm import RMSNorm
 from turboinfer.layers.rotary import RotaryEmbedding
@@ -26,17 +25,10 @@ from turboinfer.runner.attention_metadata import AttentionMetadata
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")  # every RMSNorm weight of the checkpoint (q_norm, k_norm too)
 
 
-class Gemma3Attention(LlamaAttention):
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, window: int | None) -> None:
-        super().__init__(arch, rotary)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, arch.query_pre_attn_scalar ** -0.5,
-                              window)
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, window: int | None) -> None:
         super().__init__()
-        self.self_attn = Gemma3Attention(arch, rotary, window)
+        self.self_attn = LlamaAttention(arch, rotary, window, arch.query_pre_attn_scalar ** -0.5)
         self.mlp = LlamaMLP(arch)
         eps = arch.rms_norm_eps
         self.input_layernorm = RMSNorm(arch.hidden_size, eps)
@@ -63,6 +55,7 @@ class Gemma3Model(nn.Module):
 
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
         self.embed_scale = arch.hidden_size ** 0.5
+        self._embed_scales: dict[torch.dtype, float] = {}  # the scale rounded to each activation dtype
         full = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
         local = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_local_theta or arch.rope_theta,
                                 None)
@@ -75,8 +68,10 @@ class Gemma3Model(nn.Module):
 
     def forward(self, input_ids, positions, meta):
         dtype = self.norm.weight.dtype
-        # the reference multiplies by the scale as a tensor of the activation dtype (25.25 in bf16 for 640)
-        x = self.embed_tokens(input_ids, dtype) * torch.tensor(self.embed_scale, dtype=dtype)
+        scale = self._embed_scales.get(dtype)
+        if scale is None:  # the reference multiplies by the scale rounded to the activation dtype (25.25 in bf16)
+            scale = self._embed_scales[dtype] = torch.tensor(self.embed_scale, dtype=dtype).item()
+        x = self.embed_tokens(input_ids, dtype) * scale
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)

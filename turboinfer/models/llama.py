@@ -30,7 +30,10 @@ STACKED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, window: int | None,
+                 scale: float | None = None) -> None:
+        """window: this layer's attention window (None: the whole context); scale: the q.k scale (default:
+        head_dim^-1/2)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -41,8 +44,8 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
         self.qk_norm = arch.qk_norm
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
-                              arch.sliding_window)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim ** -0.5,
+                              window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n, nh, nkv = x.shape[0], self.num_heads, self.num_kv_heads
@@ -70,7 +73,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, rotary)
+        self.self_attn = LlamaAttention(arch, rotary, arch.sliding_window)
         self.mlp = LlamaMLP(arch)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
