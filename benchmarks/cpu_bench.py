@@ -83,7 +83,7 @@ def bench_turboinfer(model: str, threads: int, ids: list[int], prompt: list[int]
     llm.generate([prompt], greedy, use_tqdm=False)  # warm-up
     decode_runs = []
     for _ in range(DECODE_REPEATS):
-        llm.engine.kv.pool.reset_prefix_cache()
+        llm.engine.reset_prefix_cache()
         stamps = [time.perf_counter() for _ in llm.stream(prompt[::-1], greedy)]
         decode_runs.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     decode = statistics.median(decode_runs)
@@ -93,29 +93,29 @@ def bench_turboinfer(model: str, threads: int, ids: list[int], prompt: list[int]
     llm.generate([long_prompt], one, use_tqdm=False)
     times = []
     for _ in range(PREFILL_REPEATS):
-        llm.engine.kv.pool.reset_prefix_cache()
+        llm.engine.reset_prefix_cache()
         t = time.perf_counter()
         llm.generate([long_prompt], one, use_tqdm=False)
         times.append(time.perf_counter() - t)
     prefill = PREFILL_TOKENS / statistics.median(times)
 
     prompts = [ids[i * 16:(i + 1) * 16] for i in range(16)]
-    llm.engine.kv.pool.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     t = time.perf_counter()
     outs = llm.generate(prompts, greedy, use_tqdm=False)
     aggregate = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
 
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     nll = -sum(d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])) / (len(ids) - 1)
-    w = llm.engine.worker
+    w = llm.engine.executor.worker
     record = {"decode_tok_s": decode, "decode_runs_tok_s": decode_runs, "prefill_tok_s": prefill,
               "aggregate16_tok_s": aggregate,
               "perplexity": math.exp(nll), "dtype": str(w.dtype).replace("torch.", ""),
-              "packed_layers": w.num_packed_layers, "c_decode_step": llm.engine.runner.cpu_decoder is not None}
+              "packed_layers": w.num_packed_layers, "c_decode_step": llm.engine.executor.worker.runner.cpu_decoder is not None}
     if record["c_decode_step"]:  # the same text through the decode step, one token at a time
-        from turboinfer.runner.cpu_decode import teacher_forced_logits
+        from turboinfer.bench.probe import teacher_forced_logits
 
-        record["perplexity_decode_step"] = math.exp(nll_from_logits(teacher_forced_logits(llm.engine, ids), ids))
+        record["perplexity_decode_step"] = math.exp(nll_from_logits(teacher_forced_logits(llm, ids), ids))
     return record
 
 
@@ -136,8 +136,8 @@ import gguf, jinja2, numpy, safetensors, tokenizers  # libraries loading uses: c
 gc.collect(); before = rss()
 llm = turboinfer.llm.LLM(sys.argv[1], kv_cache_memory='64MiB', max_model_len=2048)
 gc.collect()
-print(json.dumps({"rss_increase": rss() - before, "kv_bytes": llm.engine.runner.kv_cache_bytes(),
-                  "kv_resident": llm.engine.runner.kv_cache_resident_bytes()}))
+print(json.dumps({"rss_increase": rss() - before, "kv_bytes": llm.engine.executor.worker.runner.kv_cache_bytes(),
+                  "kv_resident": llm.engine.executor.worker.runner.kv_cache_resident_bytes()}))
 """
 
 

@@ -24,11 +24,11 @@ def main() -> None:
     from turboinfer import LLM
 
     llm = LLM(args.model, num_threads=args.threads, max_model_len=4096, kv_cache_memory="256MiB")
-    decoder = llm.engine.runner.cpu_decoder
+    decoder = llm.engine.executor.worker.runner.cpu_decoder
     if decoder is None:
         raise SystemExit("this model does not run on the C decode step (see docs/cpu_decode.md)")
     blocks = llm.engine.kv.allocate("bench", max(CONTEXTS) + 1)
-    for group in llm.engine.runner.kv_caches:  # on CPU the pool gets memory as it is written: write all of it
+    for group in llm.engine.executor.worker.runner.kv_caches:  # on CPU the pool gets memory as it is written: write all of it
         for t in group:
             if t is not None:
                 t.zero_()

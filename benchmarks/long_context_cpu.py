@@ -43,7 +43,7 @@ def bench_turboinfer(model: str, threads: int, runs: list[list[int]]) -> dict:
     llm.generate([runs[0][:64]], greedy, use_tqdm=False)  # warm-up
     out = []
     for p in runs:
-        llm.engine.kv.pool.reset_prefix_cache()
+        llm.engine.reset_prefix_cache()
         start = time.perf_counter()
         stamps = []
         for o in llm.stream(p, greedy):  # one output per step, prefill chunks included: stamp new tokens only

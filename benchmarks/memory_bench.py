@@ -59,7 +59,7 @@ def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 after_load = hwm()
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak: loading's transient is reported apart
-for group in llm.engine.runner.kv_caches:  # every block written once, as in an engine that has run a while
+for group in llm.engine.executor.worker.runner.kv_caches:  # every block written once, as in an engine that has run a while
     for t in group:
         if t is not None:
             t.zero_()
@@ -68,12 +68,12 @@ llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_len // 4, ign
 peak = hwm()
 from turboinfer.runner.worker import model_weight_bytes
 from turboinfer import memory
-w, cfg = llm.engine.worker, llm.config
+w, cfg = llm.engine.executor.worker, llm.config
 est = memory.estimate_inference(w.arch, dtype=str(w.dtype).replace("torch.", ""), kv_cache_dtype=kv,
     max_model_len=w.max_model_len, max_num_seqs=seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
     block_size=cfg.block_size, device="cpu", num_kv_blocks=w.num_blocks, weight_bytes=model_weight_bytes(w.runner.model))
 print(json.dumps({"peak_rss": peak, "peak_rss_after_load": after_load, "estimate": est.total,
-                  "kv_bytes": llm.engine.runner.kv_cache_bytes(), "kv_estimate": est.kv_cache,
+                  "kv_bytes": llm.engine.executor.worker.runner.kv_cache_bytes(), "kv_estimate": est.kv_cache,
                   "dtype": str(w.dtype).replace("torch.", "")}))
 """
 
@@ -93,10 +93,10 @@ from turboinfer import LLM
 llm = LLM(sys.argv[1], max_model_len=512, max_num_seqs=1, num_threads=1)
 rss1, peak, (anon1, file1) = status('VmRSS'), status('VmHWM'), anon_file()
 from turboinfer.runner.worker import model_weight_bytes
-w = llm.engine.worker
+w = llm.engine.executor.worker
 print(json.dumps({"rss_before": rss0, "rss_after_load": rss1, "anon_increase": anon1 - anon0,
                   "file_backed_increase": file1 - file0, "peak_rss_during_load": peak, "peak_increase": peak - rss0,
-                  "kv_bytes": llm.engine.runner.kv_cache_bytes(), "kv_resident": llm.engine.runner.kv_cache_resident_bytes(),
+                  "kv_bytes": llm.engine.executor.worker.runner.kv_cache_bytes(), "kv_resident": llm.engine.executor.worker.runner.kv_cache_resident_bytes(),
                   "weight_bytes": model_weight_bytes(w.runner.model),
                   "file_bytes": os.path.getsize(w.resolved.path), "load_seconds": w.load_seconds,
                   "model_file_mapped": any(os.path.realpath(w.resolved.path) in l for l in open('/proc/self/maps'))}))

@@ -37,7 +37,7 @@ def run(llm, prompts: list[list[int]], repeats: int) -> tuple[float, list[list[i
     greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     times, tokens = [], None
     for _ in range(repeats):
-        llm.engine.kv.pool.reset_prefix_cache()
+        llm.engine.reset_prefix_cache()
         start = time.perf_counter()
         outs = llm.generate(prompts, greedy, use_tqdm=False)
         times.append(time.perf_counter() - start)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from turboinfer.bench.probe import full_logits  # noqa: F401  (tests import it from here)
+
 ARCHS = {
     # name: (transformers config class, overrides). Each exercises a different feature of models/llama.py.
     "llama-gqa-llama3rope-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True,
@@ -74,22 +76,3 @@ def make_tiny_model(tmp_path_factory, name: str):
     model.save_pretrained(path, safe_serialization=True)
     _tokenizer(path)
     return path, model
-
-
-
-
-def full_logits(llm, ids: list[int]) -> torch.Tensor:
-    """Full-sequence logits [len(ids), vocab] through the engine's paged-cache path (one prefill)."""
-    from turboinfer import SamplingParams
-    from turboinfer.engine.batch import ScheduledSeq
-    from turboinfer.engine.request import Request
-
-    eng = llm.engine
-    req = Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), eng.max_model_len)
-    block_ids = eng.kv.allocate("probe", len(ids))
-    try:
-        input_ids, positions, meta = eng.runner._prepare([ScheduledSeq(req, 0, len(ids), block_ids, False, False)])
-        with torch.inference_mode():
-            return eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, meta)).float()
-    finally:
-        eng.kv.free("probe")

@@ -58,20 +58,7 @@ def _make_llm(args):
     cfg = from_cli_args(args, EngineConfig)
     print(f"Loading {cfg.model} ...", file=sys.stderr, flush=True)
     llm = LLM(**{k: v for k, v in vars(cfg).items()})
-    w = llm.engine.worker
-    print(f"Loaded {w.resolved.display_name} ({w.arch.architecture}, {w.dtype}, {w.device}) in "
-          f"{w.load_seconds:.1f}s; KV cache {(w.num_blocks - 1) * cfg.block_size} tokens, "
-          f"max_model_len {w.max_model_len}", file=sys.stderr, flush=True)
-    graphs = w.runner.decode_graphs
-    if graphs is not None:
-        print(f"CUDA graphs: {len(graphs.graphs)} decode batch sizes up to {graphs.max_batch} captured in "
-              f"{graphs.capture_seconds:.1f}s (--enforce-eager to skip)", file=sys.stderr, flush=True)
-    elif w.runner.cpu_decoder is not None:
-        print("CPU decode: one C call per step (docs/cpu_decode.md)", file=sys.stderr, flush=True)
-    from turboinfer.runner.worker import memory_report
-
-    print("Memory (turboinfer estimate's arithmetic, filled with what was allocated):", file=sys.stderr)
-    print("\n".join(memory_report(w, llm.config)), file=sys.stderr, flush=True)
+    print("\n".join(llm.engine.info.banner()), file=sys.stderr, flush=True)
     return llm
 
 
@@ -94,7 +81,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     params = sampling_from_args(args)
     llm = _make_llm(args)
-    if llm.engine.tokenizer.chat_template is None:
+    if llm.get_tokenizer().chat_template is None:
         raise InvalidRequestError(f"the model {args.model or ''} has no chat template (a base model, not a chat "
                                   "one): use `turboinfer generate PROMPT` for plain completions")
     history: list[dict] = []

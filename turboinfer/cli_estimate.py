@@ -43,8 +43,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk size (default: 512)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices to shard over (default: 1)")
-    p.add_argument("--window-eviction", action="store_true",
-                   help="assume sliding-window layers free blocks that leave the window (the engine keeps them)")
     p.add_argument("--batch-size", type=int, default=1, help="training: sequences per step (default: 1)")
     p.add_argument("--seq-len", type=int, default=None, help="training: tokens per sequence (default: "
                    "min(2048, the model's context))")
@@ -156,7 +154,7 @@ def _inference(spec: LoadedSpec, args, device_memory: int | None) -> tuple[objec
     quant = None if args.quantization == "none" else args.quantization
     kw = dict(dtype=args.dtype, quantization=quant, group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-              tp_size=args.tensor_parallel_size, device=args.device, window_eviction=args.window_eviction)
+              tp_size=args.tensor_parallel_size, device=args.device)
     if spec.gguf is not None:
         if quant:
             raise InvalidRequestError("--quantization applies to HF checkpoints; a GGUF file is counted as stored")

@@ -18,4 +18,10 @@ class UnsupportedModelError(TurboInferError):
 
 
 class InvalidRequestError(TurboInferError, ValueError):
-    """A prompt or sampling parameter is out of range. Also a ValueError so callers can catch either."""
+    """A prompt or sampling parameter is out of range. Also a ValueError so callers can catch either.
+    `param` names the request field at fault and `code` an OpenAI error code, for the server's error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code

@@ -36,16 +36,14 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
-        # Validate every prompt before queueing any, so a bad one leaves nothing half-run behind.
+        # Validate every prompt and parameter set before queueing any, so a bad one leaves nothing half-run behind.
         token_ids = [self.engine.tokenize_prompt(p) for p in prompts]
+        for sp in params:
+            self.engine.check_params(sp)
         ids = []
         try:
             for p, tok, sp in zip(prompts, token_ids, params):
-                rid = self.engine.add_request(tok, sp)
-                if isinstance(p, str):
-                    for r in self.engine.children[rid]:
-                        r.prompt = p
-                ids.append(rid)
+                ids.append(self.engine.add_request(tok, sp, prompt_text=p if isinstance(p, str) else None))
             return self._run(ids, use_tqdm and len(prompts) > 1)
         except BaseException:
             for rid in ids:  # Ctrl-C or an error mid-run: nothing stays queued or holds KV blocks
@@ -78,9 +76,10 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         # The template already writes BOS where the model wants it; don't add a second one.
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return tok.encode(text, add_special_tokens=False)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput per step for one prompt (its `outputs[0].delta` is the new text).

@@ -37,7 +37,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> InvalidRequestError:
-            return InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}")
+            return InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
@@ -65,7 +65,7 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
         if any(not s for s in self.stop_list):
-            raise InvalidRequestError("stop strings must be non-empty")
+            raise InvalidRequestError("stop strings must be non-empty", param="stop")
 
     @property
     def greedy(self) -> bool:

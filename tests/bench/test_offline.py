@@ -101,7 +101,7 @@ def test_dummy_load_format_reads_no_checkpoint(tmp_path, tiny_model_dir):
     llm = LLM(str(d), load_format="dummy", device="cpu", kv_cache_memory="8MiB", num_threads=1)
     out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3  # the directory's real tokenizer is used
-    w = llm.engine.runner.model.model.layers[0].mlp.down_proj.weight
+    w = llm.engine.executor.worker.runner.model.model.layers[0].mlp.down_proj.weight
     assert 0.015 < w.std().item() < 0.025
     with pytest.raises(InvalidRequestError, match="load-format"):
         LLM(str(d), load_format="fast")

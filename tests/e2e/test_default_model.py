@@ -64,7 +64,7 @@ def test_packed_path_tracks_dequantized_path(llm, llm_f32):
     perplexities must agree within 0.5% (mean log-likelihood within 0.005 nats) and the top token mostly."""
     from tiny_models import full_logits
 
-    assert llm.engine.worker.num_packed_layers == 30 * 4  # qkv, o, gate_up, down in every layer
+    assert llm.engine.executor.worker.num_packed_layers == 30 * 4  # qkv, o, gate_up, down in every layer
     text = open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data", "lighthouses.txt")).read()
     ids = llm.get_tokenizer().encode(text)[:1000]
     packed, exact = full_logits(llm, ids), full_logits(llm_f32, ids)
@@ -78,14 +78,14 @@ def test_packed_path_tracks_dequantized_path(llm, llm_f32):
 def test_c_decode_step_tracks_dequantized_path(llm, llm_f32):
     """The C decode step (float32 activations, bf16 KV cache, packed weights) against exact float32 weights over
     400 positions: the same bar as the packed PyTorch path above."""
-    assert llm.engine.runner.cpu_decoder is not None
+    assert llm.engine.executor.worker.runner.cpu_decoder is not None
     text = open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data", "lighthouses.txt")).read()
     ids = llm.get_tokenizer().encode(text)[:400]
     from tiny_models import full_logits
 
-    from turboinfer.runner.cpu_decode import teacher_forced_logits
+    from turboinfer.bench.probe import teacher_forced_logits
 
-    fast, exact = teacher_forced_logits(llm.engine, ids), full_logits(llm_f32, ids)
+    fast, exact = teacher_forced_logits(llm, ids), full_logits(llm_f32, ids)
     target = torch.tensor(ids[1:])[:, None]
     lp_f = fast.log_softmax(-1)[:-1].gather(-1, target)
     lp_e = exact.log_softmax(-1)[:-1].gather(-1, target)

@@ -21,7 +21,7 @@ from turboinfer import LLM, SamplingParams
 from turboinfer.layers.quantization import PartsMethod
 from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
 from turboinfer.layers.quantization.q4 import Int4CPUMethod
-from turboinfer.runner.cpu_decode import teacher_forced_logits
+from turboinfer.bench.probe import teacher_forced_logits
 
 REENCODE = {"blk.0.ffn_down.weight": T.Q6_K, "blk.2.ffn_down.weight": T.Q5_K, "blk.3.attn_v.weight": T.Q8_0}
 REENCODE.update({f"blk.1.{p}.weight": T.Q8_0 for p in
@@ -57,8 +57,8 @@ def _close(a: torch.Tensor, b: torch.Tensor, ids: list[int]) -> None:
 
 
 def test_every_linear_stays_quantized(packed):
-    assert packed.engine.worker.num_packed_layers == 30 * 4
-    layers = packed.engine.runner.model.model.layers
+    assert packed.engine.executor.worker.num_packed_layers == 30 * 4
+    layers = packed.engine.executor.worker.runner.model.model.layers
     kinds = {(i, name): type(getattr(getattr(layers[i], part), name).quant_method)
              for i in range(5) for part, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
                                                   ("mlp", "gate_up_proj"), ("mlp", "down_proj"))}
@@ -71,7 +71,7 @@ def test_every_linear_stays_quantized(packed):
     assert all(v is Int4CPUMethod for k, v in kinds.items() if k not in int8)
     assert layers[0].mlp.down_proj.quant_method.group_size == 16  # Q6_K
     assert layers[2].mlp.down_proj.quant_method.w.zero is not None  # Q5_K's mins
-    assert packed.engine.runner.cpu_decoder is not None  # the C step takes the mix
+    assert packed.engine.executor.worker.runner.cpu_decoder is not None  # the C step takes the mix
 
 
 def test_prefill_tracks_dequantized_model(packed, exact):
@@ -81,7 +81,7 @@ def test_prefill_tracks_dequantized_model(packed, exact):
 
 def test_c_decode_step_tracks_dequantized_model(packed, exact):
     ids = _ids(packed)
-    _close(teacher_forced_logits(packed.engine, ids), full_logits(exact, ids), ids)
+    _close(teacher_forced_logits(packed, ids), full_logits(exact, ids), ids)
 
 
 def test_generates_the_same_answer(packed, exact):
@@ -106,7 +106,7 @@ def test_cuda_keeps_the_mix_quantized(request):
         pytest.skip(f"the default model is not available here: {e}")
 
     gpu = LLM(mixed_path, device="cuda", dtype="float32", max_model_len=512, kv_cache_memory="256MiB")
-    layers = gpu.engine.runner.model.model.layers
+    layers = gpu.engine.executor.worker.runner.model.model.layers
     assert isinstance(layers[1].self_attn.qkv_proj.quant_method, GroupedInt8TritonMethod)
     assert isinstance(layers[5].mlp.gate_up_proj.quant_method, Int4TritonMethod)
     ids = _ids(gpu)
@@ -125,16 +125,16 @@ def test_int8_token_table_lookups_and_tied_logits(default_model_path, monkeypatc
 
     monkeypatch.setattr(model_loader, "Q8_0_TABLE", False)
     llm = LLM(default_model_path, dtype="float32", max_model_len=512, kv_cache_memory="32MiB")
-    emb = llm.engine.runner.model.model.embed_tokens
+    emb = llm.engine.executor.worker.runner.model.model.embed_tokens
     assert not emb.is_quantized and isinstance(emb.grouped_method, GroupedInt8CPUMethod)
-    ref_emb = exact.engine.runner.model.model.embed_tokens
+    ref_emb = exact.engine.executor.worker.runner.model.model.embed_tokens
     ids = torch.tensor([0, 1, 7, 4242, 49151])
     assert torch.equal(emb(ids), ref_emb(ids).float())
-    dec = llm.engine.runner.cpu_decoder
+    dec = llm.engine.executor.worker.runner.cpu_decoder
     assert dec is not None and int(dec.dims[cpu_decode.DIMS.index("logits")]) == cpu_decode.LOGITS_INT8
     text = _ids(llm)
     _close(full_logits(llm, text), full_logits(exact, text), text)
-    _close(teacher_forced_logits(llm.engine, text), full_logits(exact, text), text)
+    _close(teacher_forced_logits(llm, text), full_logits(exact, text), text)
 
 
 def test_untied_int8_output_projection_runs_inside_the_step(tmp_path_factory, default_model_path, exact):
@@ -146,9 +146,9 @@ def test_untied_int8_output_projection_runs_inside_the_step(tmp_path_factory, de
     path = rewrite_gguf(default_model_path, str(tmp_path_factory.mktemp("untied") / "m.gguf"), {},
                         add={"output.weight": ("token_embd.weight", T.Q8_0)})
     llm = LLM(path, dtype="float32", max_model_len=512, kv_cache_memory="32MiB")
-    model = llm.engine.runner.model
+    model = llm.engine.executor.worker.runner.model
     assert model.lm_head is not None and isinstance(model.lm_head.quant_method, GroupedInt8CPUMethod)
-    dec = llm.engine.runner.cpu_decoder
+    dec = llm.engine.executor.worker.runner.cpu_decoder
     assert int(dec.dims[cpu_decode.DIMS.index("logits")]) == cpu_decode.LOGITS_INT8
     text = _ids(llm)
-    _close(teacher_forced_logits(llm.engine, text), full_logits(exact, text), text)
+    _close(teacher_forced_logits(llm, text), full_logits(exact, text), text)

@@ -32,7 +32,7 @@ def test_zeroed_reads_zero_and_is_resident_only_where_written():
 def test_engine_pool_grows_with_use(tiny_llama, kv_dtype):
     llm = LLM(tiny_llama[0], dtype="float32", max_model_len=256, kv_cache_memory="64MiB", block_size=8,
               kv_cache_dtype=kv_dtype)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     pool = runner.kv_cache_bytes()
     assert pool > 60 * 2**20
     assert runner.kv_cache_resident_bytes() <= 64 * PAGE  # nothing written yet but what warm-up touches
@@ -41,5 +41,5 @@ def test_engine_pool_grows_with_use(tiny_llama, kv_dtype):
     assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
     after = runner.kv_cache_resident_bytes()
     num_tensors = sum(t is not None for group in runner.kv_caches for t in group)
-    assert 0 < after <= 120 * runner.kv_cache_bytes() // (llm.engine.worker.num_blocks - 1) + num_tensors * PAGE
+    assert 0 < after <= 120 * runner.kv_cache_bytes() // (llm.engine.info.kv_cache_groups[0].num_blocks - 1) + num_tensors * PAGE
     assert after < pool // 8

@@ -35,7 +35,7 @@ def test_int8_cache_doubles_capacity_and_tracks_float(tiny_llama):
     base = LLM(path, dtype="float32", max_model_len=128, kv_cache_memory="4MiB")
     q8 = LLM(path, dtype="float32", max_model_len=128, kv_cache_memory="4MiB", kv_cache_dtype="int8")
     # head_dim 16: float32 K/V take 64 bytes per head, int8 16 + a 4-byte scale
-    assert q8.engine.worker.num_blocks - 1 >= 3 * (base.engine.worker.num_blocks - 1)
+    assert q8.engine.info.kv_cache_groups[0].num_blocks - 1 >= 3 * (base.engine.info.kv_cache_groups[0].num_blocks - 1)
     ids = list(range(5, 70))
     ref, got = full_logits(base, ids), full_logits(q8, ids)
     # prefill attends over the quantized cache, so every position is affected; errors stay small

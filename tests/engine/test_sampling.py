@@ -8,16 +8,20 @@ import pytest
 import torch
 
 from turboinfer import SamplingParams
-from turboinfer.engine.request import Request
+from turboinfer.runner.request_state import RequestState
 from turboinfer.errors import InvalidRequestError
 from turboinfer.runner.sampler import Sampler
 
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44, 45], [100] * 12]
 
 
+def state(rid: str, prompt: list[int], params: SamplingParams) -> RequestState:
+    return RequestState(rid, list(prompt), len(prompt), params, frozenset(), [[]])
+
+
 def sample_many(logits: torch.Tensor, params: SamplingParams, n: int = 4000) -> torch.Tensor:
     sampler = Sampler(torch.device("cpu"), seed=0)
-    reqs = [Request(str(i), [1], params, frozenset(), 100) for i in range(n)]
+    reqs = [state(str(i), [1], params) for i in range(n)]
     tokens, _ = sampler(logits.expand(n, -1).contiguous(), reqs)
     return torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).float() / n
 
@@ -42,14 +46,12 @@ def test_top_k_top_p_min_p_restrict_support():
 
 def test_penalties():
     logits = torch.tensor([[1.0, 1.0, -1.0, 0.5]])
-    req = Request("r", [0], SamplingParams(temperature=0, repetition_penalty=2.0), frozenset(), 100)
-    req.append_token(2)
+    req = state("r", [0], SamplingParams(temperature=0, repetition_penalty=2.0))
+    req.token_ids.append(2)
     tokens, _ = Sampler(torch.device("cpu"))(logits.clone(), [req])
     assert tokens == [1]  # token 0 (in the prompt) halved to 0.5; token 1 wins
-    req = Request("r", [3], SamplingParams(temperature=0, frequency_penalty=0.3, presence_penalty=0.5),
-                  frozenset(), 100)
-    for t in (0, 0):
-        req.append_token(t)
+    req = state("r", [3], SamplingParams(temperature=0, frequency_penalty=0.3, presence_penalty=0.5))
+    req.token_ids += [0, 0]
     tokens, _ = Sampler(torch.device("cpu"))(logits.clone(), [req])
     assert tokens == [1]  # token 0: 1.0 - 2 * 0.3 - 0.5 < 1.0
 

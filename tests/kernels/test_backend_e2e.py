@@ -28,7 +28,7 @@ def test_same_greedy_tokens(name, kv_cache_dtype, tmp_path_factory, device, monk
         llm = LLM(path, device=device.type, dtype="float32", max_model_len=128, kv_cache_memory="4MiB",
                   block_size=8, max_num_batched_tokens=12, kv_cache_dtype=kv_cache_dtype,
                   attention_backend=backend)
-        module = llm.engine.runner.ops.decode_attention.__module__
+        module = llm.engine.executor.worker.runner.ops.decode_attention.__module__
         assert module.startswith("turboinfer.kernels." + ("triton" if backend == "triton" else "torch_ref"))
         outs = llm.generate(prompts, greedy, use_tqdm=False)
         tokens[backend] = [o.outputs[0].token_ids for o in outs]

@@ -17,7 +17,7 @@ def _run(seq_lens, budget, monkeypatch, kv_dtype=None, window=None, dtype=torch.
     lens = torch.tensor(seq_lens)
     args = (q, *kv.args(), kv.block_tables, lens, max(seq_lens), 0.25, window)
     out = ref.decode_attention(*args, **kv.scales())
-    return out, ref._decode_plan(kv.block_tables, lens, max(seq_lens), 4, window)
+    return out, ref.plan_decode(kv.block_tables, lens, max(seq_lens), 4, window)
 
 
 @pytest.mark.parametrize("kv_dtype, window", [(None, None), (torch.int8, None), (None, 5)],

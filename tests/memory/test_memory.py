@@ -75,15 +75,13 @@ def test_kv_for_sequences_blocks_and_sliding_windows():
     # 3 sequences of 100 tokens: ceil(100 / 16) = 7 blocks each, plus the null block
     assert kv_bytes_for_sequences(LLAMA3_8B, 100, 3, 16, "auto", "bfloat16") == (3 * 7 + 1) * 16 * per_token
     assert kv_cache_bytes(LLAMA3_8B, 22, 16, "auto", "bfloat16") == (3 * 7 + 1) * 16 * per_token
-    # Gemma 2: even layers slide over 4096 tokens. With eviction they keep ceil(4096/16) + 1 = 257 blocks.
+    # Gemma 2: even layers slide over 4096 tokens. They hold at most the blocks that the window plus one step's 512
+    # new tokens touch, (4096 + 512 - 1 + 2 * 16 - 2) // 16 = 289, against 512 for the full layers at 8,192 tokens.
     per_layer = 2 * 4 * 256 * 2
-    full = kv_bytes_for_sequences(GEMMA2_2B, 8192, 1, 16, "auto", "bfloat16", null_block=False)
-    assert full == 26 * 512 * 16 * per_layer
-    evicting = kv_bytes_for_sequences(GEMMA2_2B, 8192, 1, 16, "auto", "bfloat16", window_eviction=True,
-                                      null_block=False)
-    assert evicting == (13 * 512 + 13 * 257) * 16 * per_layer
-    short = kv_bytes_for_sequences(GEMMA2_2B, 1000, 1, 16, "auto", "bfloat16", window_eviction=True)
-    assert short == kv_bytes_for_sequences(GEMMA2_2B, 1000, 1, 16, "auto", "bfloat16")  # window not reached
+    kv = kv_bytes_for_sequences(GEMMA2_2B, 8192, 1, 16, "auto", "bfloat16", null_block=False)
+    assert kv == (13 * 512 + 13 * 289) * 16 * per_layer
+    short = kv_bytes_for_sequences(GEMMA2_2B, 1000, 1, 16, "auto", "bfloat16", null_block=False)
+    assert short == 26 * 63 * 16 * per_layer  # ceil(1000 / 16) = 63 blocks: the window's bound is not reached
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +97,14 @@ def test_kv_bytes_equal_the_engine_pool(tiny_llama, kv_dtype):
 
     llm = LLM(tiny_llama[0], dtype="float32", kv_cache_dtype=kv_dtype, kv_cache_memory="300KiB", block_size=8,
               max_model_len=64)
-    w = llm.engine.worker
-    assert w.runner.kv_cache_bytes() == kv_cache_bytes(w.arch, w.num_blocks, 8, kv_dtype, torch.float32)
+    w = llm.engine.executor.worker
+    (group,) = llm.engine.info.kv_cache_groups
+    assert w.runner.kv_cache_bytes() == kv_cache_bytes(w.arch, group.num_blocks, 8, kv_dtype, torch.float32)
     # and the loaded model's weights are what the config says
     model_bytes = sum(p.numel() * p.element_size() for p in w.runner.model.parameters())
     assert model_bytes == weight_bytes_from_hf(w.arch, "float32")
     est = estimate_inference(w.arch, dtype="float32", kv_cache_dtype=kv_dtype, block_size=8, device="cpu",
-                             num_kv_blocks=w.num_blocks)
+                             num_kv_blocks=group.num_blocks)
     assert est.kv_cache == w.runner.kv_cache_bytes()
 
 
@@ -239,7 +238,7 @@ def test_loaded_bytes_match_the_engine(tmp_path_factory, default_model_path):
     path = rewrite_gguf(default_model_path, str(tmp_path_factory.mktemp("types") / "m.gguf"), retype)
     by_name = loaded_bytes(read_gguf_header(path), "bfloat16", "cpu")
     llm = LLM(path, dtype="bfloat16", max_model_len=256, kv_cache_memory="16MiB")
-    model = llm.engine.runner.model
+    model = llm.engine.executor.worker.runner.model
 
     def held(method) -> int:
         if hasattr(method, "methods"):  # a layer in two formats

@@ -50,7 +50,7 @@ def test_greedy_32_tokens_alone_and_batched(tiny_model, chunked):
     for ids, exp in zip(ps, expected):
         alone = llm.generate([ids], params, use_tqdm=False)[0]
         assert alone.outputs[0].token_ids == exp
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable_blocks  # nothing leaked
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_usable_blocks  # nothing leaked
 
 
 def test_context_past_max_position_embeddings_with_rope_scaling(tmp_path_factory):
@@ -63,7 +63,7 @@ def test_context_past_max_position_embeddings_with_rope_scaling(tmp_path_factory
 
     path, hf = make_tiny_model(tmp_path_factory, "llama-mha-linearrope")
     llm = LLM(path, dtype="float32", max_model_len=512, kv_cache_memory="64MiB")
-    rotary = llm.engine.runner.model.model.layers[0].self_attn.rotary
+    rotary = llm.engine.executor.worker.runner.model.model.layers[0].self_attn.rotary
     assert rotary.cos.shape[0] == 512
     ids = torch.randint(5, hf.config.vocab_size, (400,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():

@@ -48,10 +48,10 @@ def test_int8_is_close_to_float_and_int4_further(tiny_model):
 def test_linears_are_quantized_and_dense_weights_freed(tiny_model):
     path, _ = tiny_model
     llm = load(path, quantization="int4")  # group 128: the 64-wide layers fall back to 64
-    model = llm.engine.runner.model
+    model = llm.engine.executor.worker.runner.model
     quantized = [name for name, m in model.named_modules()
                  if isinstance(m, Linear) and not isinstance(m.quant_method, UnquantizedMethod)]
-    assert len(quantized) == 4 * model.arch.num_layers == llm.engine.worker.num_packed_layers  # qkv, o, gate_up, down
+    assert len(quantized) == 4 * model.arch.num_layers == llm.engine.executor.worker.num_packed_layers  # qkv, o, gate_up, down
     for name in quantized:
         assert model.get_submodule(name).weight.numel() == 0
     assert model.model.embed_tokens.weight.numel() == model.arch.vocab_size * model.arch.hidden_size

@@ -53,14 +53,14 @@ class DenseTwin(Int4CPUMethod):
 def load(path: str, dtype: str, **kw) -> LLM:
     llm = LLM(path, dtype=dtype, quantization="int4", quant_group_size=32, max_model_len=256,
               kv_cache_memory="16MiB", num_threads=2, enable_prefix_caching=False, **kw)
-    for mod in llm.engine.runner.model.modules():
+    for mod in llm.engine.executor.worker.runner.model.modules():
         if isinstance(getattr(mod, "quant_method", None), Int4CPUMethod):
             mod.quant_method = DenseTwin(mod.quant_method)
     return llm
 
 
 def run(llm: LLM, use_c: bool, decoder, n: int = 40):
-    llm.engine.runner.cpu_decoder = decoder if use_c else None
+    llm.engine.executor.worker.runner.cpu_decoder = decoder if use_c else None
     sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
@@ -76,8 +76,8 @@ def tiny(request, tmp_path_factory):
 
 def test_c_step_equals_float32_reference(tiny):
     llm = load(tiny, "float32")
-    dec = llm.engine.runner.cpu_decoder
-    assert dec is not None, cpu_decode.accepts(llm.engine.runner.model, torch.float32, torch.float32)
+    dec = llm.engine.executor.worker.runner.cpu_decoder
+    assert dec is not None, cpu_decode.accepts(llm.engine.executor.worker.runner.model, torch.float32, torch.float32)
     ref_tokens, ref_lps = run(llm, False, dec)
     tokens, lps = run(llm, True, dec)
     assert tokens == ref_tokens
@@ -86,9 +86,9 @@ def test_c_step_equals_float32_reference(tiny):
 
 def test_c_step_with_awq_input_scales(tiny):
     llm = load(tiny, "float32", awq=True)
-    dec = llm.engine.runner.cpu_decoder
+    dec = llm.engine.executor.worker.runner.cpu_decoder
     assert dec is not None
-    assert llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.input_scale is not None
+    assert llm.engine.executor.worker.runner.model.model.layers[0].mlp.down_proj.quant_method.input_scale is not None
     ref_tokens, ref_lps = run(llm, False, dec)
     tokens, lps = run(llm, True, dec)
     assert tokens == ref_tokens
@@ -100,7 +100,7 @@ def test_c_step_with_int8_kv_cache(tiny):
     order can land on the other side of a rounding boundary, one code step (max|x| / 127) apart: rare (mean
     difference bounded as in float32) but visible in a single step (max bounded at 1e-2)."""
     llm = load(tiny, "float32", kv_cache_dtype="int8")
-    dec = llm.engine.runner.cpu_decoder
+    dec = llm.engine.executor.worker.runner.cpu_decoder
     assert dec is not None
     ref_tokens, ref_lps = run(llm, False, dec)
     tokens, lps = run(llm, True, dec)
@@ -111,7 +111,7 @@ def test_c_step_with_int8_kv_cache(tiny):
 
 def test_c_step_in_bfloat16(tiny):
     llm = load(tiny, "bfloat16")
-    dec = llm.engine.runner.cpu_decoder
+    dec = llm.engine.executor.worker.runner.cpu_decoder
     assert dec is not None
     ref_tokens, ref_lps = run(llm, False, dec, n=12)
     tokens, lps = run(llm, True, dec, n=12)
@@ -125,41 +125,35 @@ def test_c_step_in_bfloat16(tiny):
 
 def test_portable_build_matches_vectorised(tmp_path_factory):
     """The plain-C fallback (built with AVX-512 off) gives the same logits as the vectorised build."""
+    from turboinfer.bench.probe import prefill, probe_request
     from turboinfer.engine.batch import ScheduledSeq
-    from turboinfer.engine.request import Request
 
     path = make_tiny_model(tmp_path_factory, "llama-gqa-llama3rope-tied")[0]
     llm = load(path, "float32")
-    eng, runner = llm.engine, llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     fast = runner.cpu_decoder
     portable_lib = cpu_kernels.load_library(("-mno-avx512f",))
     assert portable_lib is not None
     portable = cpu_decode.CPUDecoder(portable_lib, runner.model, torch.float32, runner.block_size,
                                      int(fast.dims[cpu_decode.DIMS.index("max_seq")]))
-    ids = eng.tokenizer.encode(PROMPTS[1])
-    req = Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), eng.max_model_len)
-    blocks = eng.kv.allocate("probe", len(ids) + 1)
-    try:
-        input_ids, positions, meta = runner._prepare([ScheduledSeq(req, 0, len(ids), blocks, False, False)])
-        with torch.inference_mode():
-            runner.model(input_ids, positions, meta)  # the prompt's K/V into the cache
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    with probe_request(llm, ids + [7], len(ids) + 1):
+        prefill(runner, len(ids))  # the prompt's K/V into the cache
         # Each call writes the new token's K/V into the same slot, with the same values.
-        args = ([7], [len(ids)], [blocks])
-        torch.testing.assert_close(portable(*args), fast(*args), rtol=1e-5, atol=1e-5)
-    finally:
-        eng.kv.free("probe")
+        batch = runner.decode_batch([ScheduledSeq("probe", len(ids), 1, True, False)])
+        torch.testing.assert_close(portable(batch), fast(batch), rtol=1e-5, atol=1e-5)
 
 
 def test_switch_and_unsupported_models(tiny, monkeypatch):
     monkeypatch.setenv("TURBOINFER_CPU_KERNELS", "0")
-    assert load(tiny, "float32").engine.runner.cpu_decoder is None
+    assert load(tiny, "float32").engine.executor.worker.runner.cpu_decoder is None
     monkeypatch.delenv("TURBOINFER_CPU_KERNELS")
     llm = LLM(tiny, dtype="float32", quantization="int4", quant_group_size=32, kv_cache_dtype="fp8",
               max_model_len=256, kv_cache_memory="16MiB")
-    assert llm.engine.runner.cpu_decoder is None  # an fp8 KV cache stays on the PyTorch path
-    assert "KV" in cpu_decode.accepts(llm.engine.runner.model, torch.float8_e4m3fn, torch.float32)
+    assert llm.engine.executor.worker.runner.cpu_decoder is None  # an fp8 KV cache stays on the PyTorch path
+    assert "KV" in cpu_decode.accepts(llm.engine.executor.worker.runner.model, torch.float8_e4m3fn, torch.float32)
     llm = LLM(tiny, dtype="float32", max_model_len=256, kv_cache_memory="16MiB")
-    assert llm.engine.runner.cpu_decoder is None  # float weights
+    assert llm.engine.executor.worker.runner.cpu_decoder is None  # float weights
 
 
 @pytest.mark.parametrize("arch", ["llama-hd64", "llama-mqa-hd128"])
@@ -168,14 +162,14 @@ def test_c_step_long_context_across_blocks(arch, tmp_path_factory):
     block edges mid-split and the look-ahead prefetch runs (it starts 32 tokens into a split)."""
     path = make_tiny_model(tmp_path_factory, arch)[0]
     llm = load(path, "float32", block_size=8)
-    dec = llm.engine.runner.cpu_decoder
+    dec = llm.engine.executor.worker.runner.cpu_decoder
     assert dec is not None
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (200, 171)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
     results = []
     for use_c in (False, True):
-        llm.engine.runner.cpu_decoder = dec if use_c else None
+        llm.engine.executor.worker.runner.cpu_decoder = dec if use_c else None
         outs = llm.generate(prompts, sp, use_tqdm=False)
         results.append(([o.outputs[0].token_ids for o in outs],
                         torch.tensor([[s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]

@@ -22,6 +22,17 @@ def generate(llm, n=24):
     return tokens, lps
 
 
+class Spy:
+    """A decode backend that records each batch size, then runs the graphs' buffers."""
+
+    def __init__(self, graphs, calls):
+        self.graphs, self.calls, self.max_batch = graphs, calls, graphs.max_batch
+
+    def __call__(self, batch):
+        self.calls.append(batch.size)
+        return self.graphs(batch)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory, "mistral-window")[0]
@@ -29,14 +40,13 @@ def tiny(tmp_path_factory):
 
 def test_graph_buffers_match_eager_step(tiny):
     llm = LLM(tiny, dtype="float32", max_model_len=128, kv_cache_memory="8MiB", enable_prefix_caching=False)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     ref_tokens, ref_lps = generate(llm)
-    graphs = DecodeGraphs(runner.model, runner.ops, runner.block_size, 4, 128, runner.device, capture=False)
+    graphs = DecodeGraphs(runner.model, runner.ops, runner.block_size, 4, 128, runner.windows, runner.device,
+                          capture=False)
     assert graphs.buckets == [1, 2, 4]
     calls = []
-    run = graphs.run
-    graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
-    runner.decode_graphs = graphs
+    runner.decode_graphs = Spy(graphs, calls)
     tokens, lps = generate(llm)  # 3 sequences: bucket 4, one padding row
     assert calls and set(calls) == {3}
     assert tokens == ref_tokens
@@ -48,13 +58,12 @@ def test_graph_buffers_match_eager_step(tiny):
 
 def test_more_sequences_than_the_largest_bucket_run_eagerly(tiny):
     llm = LLM(tiny, dtype="float32", max_model_len=128, kv_cache_memory="8MiB", enable_prefix_caching=False)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     ref_tokens, _ = generate(llm, n=8)
     calls = []
-    graphs = DecodeGraphs(runner.model, runner.ops, runner.block_size, 2, 128, runner.device, capture=False)
-    run = graphs.run
-    graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
-    runner.decode_graphs = graphs
+    graphs = DecodeGraphs(runner.model, runner.ops, runner.block_size, 2, 128, runner.windows, runner.device,
+                          capture=False)
+    runner.decode_graphs = Spy(graphs, calls)
     tokens, _ = generate(llm, n=8)
     assert tokens == ref_tokens
     assert calls == []  # 3 decodes > max bucket 2: the ordinary step ran
@@ -67,7 +76,7 @@ def test_captured_graphs_match_eager_on_gpu(tiny):
               enable_prefix_caching=False, max_num_seqs=8)
     eager = LLM(tiny, enforce_eager=True, **kw)
     graphed = LLM(tiny, **kw)
-    assert graphed.engine.runner.decode_graphs is not None and graphed.engine.runner.decode_graphs.graphs
+    assert graphed.engine.executor.worker.runner.decode_graphs is not None and graphed.engine.executor.worker.runner.decode_graphs.graphs
     ref_tokens, ref_lps = generate(eager)
     tokens, lps = generate(graphed)
     assert tokens == ref_tokens

@@ -37,7 +37,7 @@ class ScriptedEngine:
 
     def __init__(self, max_running: int = 64, step_delay: float = 0.002) -> None:
         self.tokenizer = CharTokenizer()
-        self.worker = SimpleNamespace(arch=SimpleNamespace(vocab_size=VOCAB))
+        self.info = SimpleNamespace(vocab_size=VOCAB, max_model_len=self.max_model_len, model="scripted")
         self.max_running = max_running
         self.requests: dict[str, dict] = {}
         self.endless_ids = self.tokenizer.encode("endless")
@@ -50,10 +50,13 @@ class ScriptedEngine:
     def tokenize_prompt(self, prompt):
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
 
-    def add_request(self, prompt, params, request_id):
+    def check_params(self, params) -> None:
+        params.validate()
+
+    def add_request(self, prompt, params, request_id, prompt_text=None):
         self.requests[request_id] = {"ids": self.tokenize_prompt(prompt), "params": params, "out": []}
         return request_id
 

@@ -183,9 +183,9 @@ def test_a_request_is_counted_as_waiting_while_the_engine_takes_it():
     fake = ScriptedEngine(max_running=1, step_delay=0.01)
     add = fake.add_request
 
-    def slow_add(*args):
+    def slow_add(*args, **kw):
         time.sleep(0.2)  # widen the hand-over
-        add(*args)
+        add(*args, **kw)
 
     fake.add_request = slow_add
     ae = AsyncEngine(fake)

@@ -35,12 +35,12 @@ def load_hf(llm):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    w = llm.engine.worker
-    path, dtype = w.resolved.path, w.dtype
-    if w.device == "cpu":
+    info = llm.engine.info
+    path, dtype = info.path, getattr(torch, info.dtype)
+    if info.device == "cpu":
         torch.set_num_threads(_threads(llm))
     if llm.config.load_format == "dummy":
-        if w.resolved.kind == "gguf":
+        if info.model_format == "gguf":
             from turboinfer.loader.gguf_file import GGUFFile
 
             cfg = GGUFFile(path).hf_config()
@@ -51,12 +51,12 @@ def load_hf(llm):
         cfg = {k: v for k, v in cfg.items() if k not in ("torch_dtype", "dtype", "transformers_version")}
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    elif w.resolved.kind == "gguf":
+    elif info.model_format == "gguf":
         d, name = os.path.split(path)
         model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(w.device).eval()
+    return model.to(info.device).eval()
 
 
 class _StepClock:
@@ -136,13 +136,13 @@ def check_llama_cpp(gguf_path: str, threads: int, timeout_s: float = 300.0) -> N
 def load_llama_cpp(llm, n_ctx: int):
     from llama_cpp import Llama
 
-    w = llm.engine.worker
-    if w.resolved.kind != "gguf":
+    info = llm.engine.info
+    if info.model_format != "gguf":
         raise InvalidRequestError("--compare llama.cpp needs a GGUF model file")
     t = _threads(llm)
-    check_llama_cpp(w.resolved.path, t)
-    return Llama(w.resolved.path, n_ctx=n_ctx, n_batch=512, n_threads=t, n_threads_batch=t, verbose=False,
-                 n_gpu_layers=-1 if w.device.startswith("cuda") else 0)
+    check_llama_cpp(info.path, t)
+    return Llama(info.path, n_ctx=n_ctx, n_batch=512, n_threads=t, n_threads_batch=t, verbose=False,
+                 n_gpu_layers=-1 if info.device.startswith("cuda") else 0)
 
 
 def _llama_cpp_stamps(lc, prompt: list[int], n: int) -> list[float]:

@@ -22,23 +22,22 @@ def load_llm(engine_kwargs: dict):
 
     print(f"Loading {engine_kwargs.get('model')} ...", file=sys.stderr, flush=True)
     llm = LLM(**engine_kwargs)
-    w = llm.engine.worker
-    print(f"Loaded {w.resolved.display_name} ({w.arch.architecture}, {w.dtype}, {w.device}) in "
-          f"{w.load_seconds:.1f}s", file=sys.stderr, flush=True)
+    info = llm.engine.info
+    print(f"Loaded {info.model} ({info.architecture}, {info.dtype}, {info.device}) in {info.load_seconds:.1f}s",
+          file=sys.stderr, flush=True)
     return llm
 
 
 def engine_info(llm) -> dict:
-    w = llm.engine.worker
-    return {"model": w.resolved.display_name, "path": w.resolved.path, "architecture": w.arch.architecture,
-            "dtype": str(w.dtype).replace("torch.", ""), "device": w.device, "num_packed_layers": w.num_packed_layers,
-            "load_format": llm.config.load_format, "max_model_len": w.max_model_len,
-            "kv_cache_tokens": (w.num_blocks - 1) * llm.config.block_size}
+    info = llm.engine.info
+    return {"model": info.model, "path": info.path, "architecture": info.architecture, "dtype": info.dtype,
+            "device": info.device, "num_packed_layers": info.num_packed_layers, "load_format": llm.config.load_format,
+            "max_model_len": info.max_model_len, "kv_cache_tokens": info.kv_capacity_tokens}
 
 
 def special_ids(llm) -> frozenset[int]:
     tok = llm.engine.tokenizer
-    return frozenset(tok.all_special_ids) | llm.engine.eos_token_ids
+    return frozenset(tok.all_special_ids) | llm.engine.info.eos_token_ids
 
 
 def request_metrics(starts: list[float], stamps: list[list[float]], iter_times: list[float],
@@ -65,7 +64,7 @@ def request_metrics(starts: list[float], stamps: list[list[float]], iter_times: 
 
 def _run_batch(llm, prompts: list[list[int]], params) -> tuple[list[float], list[list[float]], float, int]:
     eng = llm.engine
-    eng.kv.pool.reset_prefix_cache()  # every iteration pays for its whole prefill
+    eng.reset_prefix_cache()  # every iteration pays for its whole prefill
     t0 = time.perf_counter()
     ids = [eng.add_request(p, params) for p in prompts]
     stamps: dict[str, list[float]] = {i: [] for i in ids}
@@ -96,31 +95,6 @@ def run_engine_latency(llm, batches: list[list[list[int]]], output_len: int, num
             times.append(t)
             counts.append(n)
     return request_metrics(starts, stamps, times, counts)
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every weight a decode step reads: parameters plus tensors held by quantized layers (packed
-    codes and scales), each storage counted once; KV caches and rotary tables are not weights."""
-    import torch
-
-    seen: dict[tuple[int, int], int] = {}
-
-    def add(t) -> None:
-        if isinstance(t, torch.Tensor) and t.numel() > 0:
-            seen[(t.data_ptr(), t.device.index or 0)] = max(seen.get((t.data_ptr(), t.device.index or 0), 0),
-                                                            t.numel() * t.element_size())
-
-    for mod in model.modules():
-        for p in mod.parameters(recurse=False):
-            add(p)
-        for name, v in vars(mod).items():
-            if "cache" in name or name.startswith("_"):
-                continue
-            add(v)
-            if hasattr(v, "__dict__") and not isinstance(v, torch.nn.Module):  # a quant method's packed tensors
-                for w in vars(v).values():
-                    add(w)
-    return sum(seen.values())
 
 
 def measure_bandwidth(device: str, num_bytes: int | None = None, iters: int = 10) -> float:
@@ -168,14 +142,14 @@ def run_latency(engine_kwargs: dict, batch_size: int, input_len: int, output_len
         raise InvalidRequestError(f"--input-len + --output-len = {input_len + output_len} exceeds max_model_len "
                                   f"{info['max_model_len']}")
     rng = random.Random(engine_kwargs.get("seed", 0))
-    vocab = llm.engine.worker.arch.vocab_size
+    vocab = llm.engine.info.vocab_size
     batches = [random_token_prompts(rng, [input_len] * batch_size, vocab, special_ids(llm))
                for _ in range(num_warmup + num_iters)]
     engines = {"turboinfer": {**info, **run_engine_latency(llm, batches, output_len, num_warmup, detokenize)}}
     ours = engines["turboinfer"]
     if measure_bw:
         bw = measure_bandwidth(info["device"])
-        wb = weight_bytes(llm.engine.runner.model)
+        wb = llm.engine.info.weight_bytes
         ours["bandwidth"] = {"copy_bytes_s": bw, "weight_bytes": wb,
                              "utilization": wb * ours["decode_steps_s"] / bw if ours["decode_steps_s"] else None}
     refs = {}

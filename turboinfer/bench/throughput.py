@@ -27,14 +27,14 @@ def run_throughput(engine_kwargs: dict, num_prompts: int, input_len: LengthSpec,
                                   f"exceeds max_model_len {info['max_model_len']}")
     rng = random.Random(engine_kwargs.get("seed", 0))
     in_lens, out_lens = input_len.sample(rng, num_prompts), output_len.sample(rng, num_prompts)
-    vocab = llm.engine.worker.arch.vocab_size
+    vocab = llm.engine.info.vocab_size
     prompts = random_token_prompts(rng, in_lens, vocab, special_ids(llm))
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=ignore_eos, detokenize=detokenize)
               for n in out_lens]
 
     warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     llm.generate([prompts[0][:8]], warm, use_tqdm=False)  # first-call costs (allocator, kernels) stay out
-    llm.engine.kv.pool.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0

@@ -92,6 +92,7 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.info = engine.info
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self._cond = threading.Condition()
@@ -109,8 +110,12 @@ class AsyncEngine:
 
     # ---- caller side (any thread with a running asyncio loop) ----------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Validate and tokenize like Engine.add_request does; reads only the tokenizer and fixed sizes."""
+        """Validate and tokenize as Engine.add_request does; reads only the tokenizer and fixed sizes."""
         return self.engine.tokenize_prompt(prompt)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Engine.check_params: fixed facts only, safe from any thread."""
+        self.engine.check_params(params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> RequestStream:
@@ -119,7 +124,7 @@ class AsyncEngine:
         Invalid prompts, parameters or ids raise here, before anything streams. Leaving the stream early
         (break + aclose, cancellation, garbage collection) aborts the request and frees its blocks."""
         params = params or SamplingParams()
-        params.validate()
+        self.check_params(params)
         ids = self.tokenize_prompt(prompt)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if not isinstance(request_id, str) or not request_id:
@@ -220,7 +225,8 @@ class AsyncEngine:
 
     def _add(self, stream: _Stream, streams: dict[str, _Stream]) -> None:
         try:
-            self.engine.add_request(stream.prompt_token_ids, stream.params, stream.request_id)
+            self.engine.add_request(stream.prompt_token_ids, stream.params, stream.request_id,
+                                    prompt_text=stream.prompt if isinstance(stream.prompt, str) else None)
         except Exception as e:
             with self._cond:
                 self._num_pending -= 1
@@ -235,9 +241,6 @@ class AsyncEngine:
         with self._cond:
             self._num_pending -= 1
             self._stats = stats
-        if isinstance(stream.prompt, str):  # outputs carry the prompt text, as LLM.generate's do
-            for r in self.engine.children.get(stream.request_id, []):
-                r.prompt = stream.prompt
         streams[stream.request_id] = stream
 
     def _step(self, streams: dict[str, _Stream]) -> None:

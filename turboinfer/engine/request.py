@@ -1,4 +1,5 @@
-"""One sequence being generated. The scheduler moves it between queues; the runner reads its tokens."""
+"""One sequence being generated, as the engine sees it. The scheduler moves it between queues; workers never see
+this object, only the plain data of the step contract (engine/batch.py)."""
 
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)  # prompt + output: what the KV cache must hold
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_sent_tokens: int = 0  # of all_token_ids, how many the worker holds (0: it has no tables for us)
     num_cached_tokens: int = 0  # of the prompt, how many came from the prefix cache at admission
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # Filled by the runner / sampler; plain Python values so the engine stays torch-free.
+    # From the workers' results; plain Python values so the engine stays torch-free.
     output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)  # per token: id->(lp, rank)
     prompt_logprobs: list[dict[int, tuple[float, int]] | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    generator: Any = None  # torch.Generator for seeded sampling, created by the runner on first use
     first_token_time: float | None = None
     num_preemptions: int = 0
     detok: Any = None  # incremental detokenizer state (engine/detokenizer.py)

@@ -20,4 +20,4 @@ def get_ops(backend: str = "torch") -> SimpleNamespace:
     else:
         raise ValueError(f"attention backend {backend!r} is not available; use 'torch' or 'triton'")
     return SimpleNamespace(store_kv=mod.store_kv, prefill_attention=mod.prefill_attention,
-                           decode_attention=mod.decode_attention)
+                           decode_attention=mod.decode_attention, plan_decode=mod.plan_decode)

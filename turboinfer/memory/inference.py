@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from turboinfer.errors import InvalidRequestError
+from turboinfer.kv_cache.spec import pool_bytes
 from turboinfer.memory.kv import kv_bytes_for_sequences, kv_cache_bytes, kv_cache_bytes_per_token, kv_element
 from turboinfer.memory.params import check_tp, kv_heads_per_rank, weight_bytes_from_hf
 from turboinfer.memory.shapes import dtype_bytes, dtype_name, model_shape
@@ -169,13 +170,14 @@ def estimate_inference(arch, *, name: str = "", dtype: str = "auto", quantizatio
                        kv_cache_dtype: str = "auto", max_model_len: int | None = None, max_num_seqs: int = 1,
                        max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True, block_size: int = 16,
                        tp_size: int = 1, device: str = "cuda", attention_backend: str = "auto",
-                       num_kv_blocks: int | None = None, window_eviction: bool = False, cuda_graphs: bool = True,
+                       num_kv_blocks: int | None = None, kv_groups: list | None = None, cuda_graphs: bool = True,
                        device_memory: int | None = None) -> InferenceEstimate:
     """Memory per device to serve `arch` (ModelShape, ModelArch or HF config dict).
 
     weight_bytes overrides the weights computed from the config (e.g. GGUFWeights.packed_bytes); KV is sized for
-    max_num_seqs sequences of max_model_len tokens (whole blocks each, plus the null block), or for exactly
-    num_kv_blocks blocks when given (the engine's pool)."""
+    max_num_seqs sequences of max_model_len tokens (whole blocks each, sliding-window layers at their window, plus
+    the null blocks), or for exactly num_kv_blocks blocks of every layer, or for the engine's sized pools
+    (kv_groups: kv_cache/spec.py KVCacheGroups with num_blocks set)."""
     s = model_shape(arch)
     check_tp(s, tp_size)
     device = "cuda" if device.startswith("cuda") else "cpu"
@@ -196,23 +198,28 @@ def estimate_inference(arch, *, name: str = "", dtype: str = "auto", quantizatio
         weights_note = weights_note or compute + (detail if quantization else "")
     per_token = kv_cache_bytes_per_token(s, kv_cache_dtype, compute, tp_size)
     kv_name = compute if dtype_name(kv_cache_dtype) == "auto" else dtype_name(kv_cache_dtype)
-    if num_kv_blocks is not None:
+    chunk = max_num_batched_tokens if enable_chunked_prefill else max(max_num_batched_tokens, max_len)
+    windowed = any(w is not None for w in s.layer_windows)
+    if kv_groups is not None:
+        kv = pool_bytes(kv_groups, block_size)
+        num_kv_blocks = max(g.num_blocks for g in kv_groups)
+        kv_note = " + ".join(f"{g.num_blocks} blocks x {len(g.layer_ids)} layers" +
+                             (f" (window {g.spec.sliding_window})" if g.spec.sliding_window else "")
+                             for g in kv_groups) + f" x {block_size} tokens (null blocks included), {kv_name}"
+    elif num_kv_blocks is not None:
         kv = kv_cache_bytes(s, num_kv_blocks, block_size, kv_cache_dtype, compute, tp_size)
         kv_note = f"{num_kv_blocks} blocks x {block_size} tokens (null block included), {kv_name}"
     else:
-        kv = kv_bytes_for_sequences(s, max_len, max_num_seqs, block_size, kv_cache_dtype, compute, tp_size,
-                                    window_eviction)
+        kv = kv_bytes_for_sequences(s, max_len, max_num_seqs, block_size, kv_cache_dtype, compute, tp_size, chunk)
         num_kv_blocks = kv // (per_token * block_size)
         kv_note = f"{max_num_seqs} x {max_len} tokens, {kv_name}, {per_token} B/token"
-        if any(w is not None for w in s.layer_windows):
-            kv_note += ("; sliding-window layers keep only their window" if window_eviction else
-                        "; sliding-window layers keep every token (the engine does not evict)")
+        if windowed:
+            kv_note += "; sliding-window layers hold only their window (blocks that leave it are freed)"
     if kv_name in ("int8", "fp8"):
         kv_note += " + float32 scale per token and KV head"
     if device == "cpu":
         kv_note += "; resident as blocks are first written"
 
-    chunk = max_num_batched_tokens if enable_chunked_prefill else max(max_num_batched_tokens, max_len)
     tokens = max(min(chunk, max_num_seqs * max_len), min(max_num_seqs, chunk))
     act = activation_bytes(s, tokens, max_num_seqs, max_len, compute, kv_cache_dtype, tp_size, backend)
     graph_act = activation_bytes(s, max_num_seqs, max_num_seqs, max_len, compute, kv_cache_dtype, tp_size, backend,

@@ -8,11 +8,17 @@ float32 scale per token and KV head for K and one for V ([num_blocks, block_size
 Multi-head latent attention (DeepSeek-V2/V3) caches one latent per token and layer instead of K and V:
 kv_lora_rank + qk_rope_head_dim values (plus one float32 scale when quantized), the same on every rank.
 Block 0 of the pool is the null block that padded block-table entries point at: it is allocated like any other.
+
+Layers are counted by their cache spec (kv_cache/spec.py), the same objects the engine sizes its pools with:
+a sliding-window layer holds only the blocks its window and one step's new tokens touch, because the engine
+gives back the blocks that slide out of the window.
 """
 
 from __future__ import annotations
 
 from turboinfer.errors import InvalidRequestError
+from turboinfer.kv_cache.spec import FULL, LATENT, SLIDING, KVCacheGroup, KVCacheSpec, bytes_per_seq, group_layers, \
+    null_bytes
 from turboinfer.memory.params import check_tp, kv_heads_per_rank
 from turboinfer.memory.shapes import ModelShape, dtype_bytes, dtype_name, model_shape
 
@@ -64,23 +70,26 @@ def num_kv_blocks_for_budget(arch, budget_bytes: int, block_size: int, kv_dtype=
     return max(0, budget_bytes) // per_block
 
 
-def blocks_per_sequence(s: ModelShape, num_tokens: int, block_size: int, window_eviction: bool) -> list[int]:
-    """Per layer, the blocks one sequence of `num_tokens` occupies. The engine keeps every block of a sequence
-    (window_eviction False); a cache that frees blocks once they slide out of a layer's window needs at most
-    ceil(window / block_size) + 1 of them on that layer (the window straddles a block boundary)."""
-    full = -(-num_tokens // block_size)
-    if not window_eviction:
-        return [full] * s.num_layers
-    return [full if w is None else min(full, -(-w // block_size) + 1) for w in s.layer_windows]
+def kv_cache_groups(arch, kv_dtype="auto", model_dtype="bfloat16", tp_size: int = 1) -> list[KVCacheGroup]:
+    """The model's layers grouped by cache spec, as the engine groups its attention layers (one rank)."""
+    s = model_shape(arch)
+    check_tp(s, tp_size)
+    kv_element(kv_dtype, model_dtype)  # a clear error for an unknown dtype
+    name = dtype_name(model_dtype if dtype_name(kv_dtype) == "auto" else kv_dtype)
+    name = {"half": "float16", "float": "float32", "float8_e4m3fn": "fp8"}.get(name, name)
+    if s.is_mla:
+        spec = KVCacheSpec(LATENT, 1, s.kv_lora_rank + s.qk_rope_head_dim, name)
+        return group_layers([spec] * s.num_layers)
+    heads = kv_heads_per_rank(s, tp_size)
+    return group_layers([KVCacheSpec(FULL, heads, s.head_dim, name) if w is None else
+                         KVCacheSpec(SLIDING, heads, s.head_dim, name, w) for w in s.layer_windows])
 
 
 def kv_bytes_for_sequences(arch, num_tokens: int, num_seqs: int, block_size: int = 16, kv_dtype="auto",
-                           model_dtype="bfloat16", tp_size: int = 1, window_eviction: bool = False,
+                           model_dtype="bfloat16", tp_size: int = 1, max_num_new_tokens: int = 512,
                            null_block: bool = True) -> int:
-    """KV bytes for `num_seqs` sequences of `num_tokens` each, whole blocks per sequence, plus the null block."""
-    s = model_shape(arch)
-    check_tp(s, tp_size)
-    per_layer_token = kv_bytes_per_token_layer(s, kv_dtype, model_dtype, tp_size)
-    blocks = blocks_per_sequence(s, num_tokens, block_size, window_eviction)
-    tokens = num_seqs * sum(blocks) * block_size + (s.num_layers * block_size if null_block else 0)
-    return tokens * per_layer_token
+    """KV bytes for `num_seqs` sequences of `num_tokens` each, whole blocks per sequence, plus the null blocks;
+    sliding-window layers count what they hold at most with steps of up to `max_num_new_tokens` new tokens."""
+    groups = kv_cache_groups(arch, kv_dtype, model_dtype, tp_size)
+    per_seq = bytes_per_seq(groups, num_tokens, block_size, max_num_new_tokens)
+    return num_seqs * per_seq + (null_bytes(groups, block_size) if null_block else 0)

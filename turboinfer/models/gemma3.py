@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from turboinfer.config import ModelArch
+from turboinfer.kernels.metadata import AttentionMetadata
 from turboinfer.layers.linear import Linear
 from turboinfer.layers.norm import RMSNorm
 from turboinfer.layers.rotary import RotaryEmbedding
 from turboinfer.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
-from turboinfer.runner.attention_metadata import AttentionMetadata
 
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")  # every RMSNorm weight of the checkpoint (q_norm, k_norm too)
 

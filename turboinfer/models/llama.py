@@ -11,13 +11,13 @@ from torch import nn
 
 from turboinfer.config import ModelArch
 from turboinfer.errors import ModelLoadError
+from turboinfer.kernels.metadata import AttentionMetadata
 from turboinfer.layers.activation import gated_act
 from turboinfer.layers.attention import Attention
 from turboinfer.layers.embedding import VocabEmbedding
 from turboinfer.layers.linear import Linear
 from turboinfer.layers.norm import RMSNorm
 from turboinfer.layers.rotary import RotaryEmbedding
-from turboinfer.runner.attention_metadata import AttentionMetadata
 
 # checkpoint name fragment -> (merged parameter fragment, shard)
 STACKED = {

@@ -10,12 +10,14 @@ anything else (an fp8 KV cache, q/k norms, another activation) keeps the PyTorch
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 
 import torch
 
 from turboinfer.kernels import cpu as cpu_kernels
+from turboinfer.runner.decode_backend import DecodeBatch
 
 log = logging.getLogger("turboinfer")
 
@@ -151,27 +153,38 @@ class CPUDecoder:
         self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.work = torch.empty(0)
 
-    def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
-                 nthreads: int | None = None) -> torch.Tensor:
-        """One token per sequence -> logits [M, vocab] float32 (or the final hidden states when the output
-        projection is not a Q8_0 table; then the model's own compute_logits finishes the job). `nthreads`: the C
-        step's threads (default: torch's)."""
-        m = len(input_ids)
-        nthreads = nthreads or torch.get_num_threads()
+    max_batch = MAX_BATCH
+    step_threads: int | None = None  # inside host_threads(): the threads the C step takes
+
+    @contextlib.contextmanager
+    def host_threads(self):
+        """The C step has its own threads. The small torch ops around it (embedding rows, sampling) run on one
+        thread: on more, torch's OpenMP workers would spin after each op on the cores the next C step needs."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self.step_threads = threads
+        try:
+            yield
+        finally:
+            self.step_threads = None
+            torch.set_num_threads(threads)
+
+    def __call__(self, batch: DecodeBatch, nthreads: int | None = None) -> torch.Tensor:
+        """One token per sequence -> logits [M, vocab] float32 (or, when the output projection is not one the step
+        computes, the model's own compute_logits over the step's final hidden states). `nthreads`: the C step's
+        threads (default: torch's, or what it was outside host_threads())."""
+        m = batch.size
+        nthreads = nthreads or self.step_threads or torch.get_num_threads()
         need = self.lib.ti_workspace_floats(self.dims.data_ptr(), MAX_BATCH, nthreads)
         if self.work.numel() < need:
             self.work = torch.empty(need, dtype=torch.float32)
-        ids = torch.tensor(input_ids, dtype=torch.int64)
-        x = self.model.model.embed_tokens(ids, torch.float32).float().contiguous()
-        pos = torch.tensor(positions, dtype=torch.int64)
-        seq_lens = pos + 1
-        width = max(len(b) for b in block_tables)
-        tables = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.int64)
+        x = self.model.model.embed_tokens(batch.input_ids, torch.float32).float().contiguous()
+        (tables,) = batch.block_tables  # one KV group: create_cpu_decoder checked
         logits = torch.empty(m, self.vocab, dtype=torch.float32) if self.step_logits else None
         rc = self.lib.ti_decode_step(self.dims.data_ptr(), self.fparams.data_ptr(), self.ptrs, m, x.data_ptr(),
-                                     pos.data_ptr(), seq_lens.data_ptr(), tables.data_ptr(), width,
-                                     logits.data_ptr() if logits is not None else None, self.work.data_ptr(),
-                                     nthreads)
+                                     batch.positions.data_ptr(), batch.seq_lens.data_ptr(), tables.data_ptr(),
+                                     tables.shape[1], logits.data_ptr() if logits is not None else None,
+                                     self.work.data_ptr(), nthreads)
         if rc != 0:
             raise RuntimeError("CPU decode step: a position is past the cache or out of order")
         if logits is None:
@@ -180,32 +193,13 @@ class CPUDecoder:
 
 
 def create_cpu_decoder(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
-                       block_size: int, max_seq_len: int) -> CPUDecoder | None:
+                       block_size: int, max_seq_len: int, num_kv_groups: int) -> CPUDecoder | None:
     if device.type != "cpu" or not cpu_kernels.enabled():
         return None
-    reason = accepts(model, kv_dtype, dtype)
+    reason = "layers in more than one KV cache group (one block table per step)" if num_kv_groups != 1 else \
+        accepts(model, kv_dtype, dtype)
     if reason is not None:
         log.debug("CPU decode kernels not used: %s", reason)
         return None
     lib = cpu_kernels.load_library()
     return None if lib is None else CPUDecoder(lib, model, dtype, block_size, max_seq_len)
-
-
-def teacher_forced_logits(engine, ids: list[int]) -> torch.Tensor:
-    """Logits [len(ids), vocab] with every position after the first computed by the C decode step, one token at a
-    time against the paged cache, as generation runs it (for checking the step against a reference)."""
-    from turboinfer.engine.batch import ScheduledSeq
-    from turboinfer.engine.request import Request
-    from turboinfer.sampling_params import SamplingParams
-
-    runner = engine.runner
-    req = Request("teacher-forced", ids[:1], SamplingParams(max_tokens=1), frozenset(), engine.max_model_len)
-    blocks = engine.kv.allocate("teacher-forced", len(ids))
-    try:
-        input_ids, positions, meta = runner._prepare([ScheduledSeq(req, 0, 1, blocks, False, False)])
-        with torch.inference_mode():
-            rows = [runner.model.compute_logits(runner.model(input_ids, positions, meta)).float()]
-        rows += [runner.cpu_decoder([t], [i], [blocks]) for i, t in enumerate(ids[1:], start=1)]
-        return torch.cat(rows)
-    finally:
-        engine.kv.free("teacher-forced")

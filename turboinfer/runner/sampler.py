@@ -5,22 +5,25 @@ temperature, filtered by min_p, top_k and top_p, and sampled by the exponential 
 E ~ Exp(1), equivalent to drawing from p). A row whose request has a seed draws E from its own generator,
 so its tokens do not depend on what else is in the batch. Logprobs are those of the raw model
 distribution (before penalties and temperature), as vLLM and OpenAI report them.
+
+Which rows need which step is decided on the host from the requests' parameters, never by reading a device
+tensor back, so on a GPU the only synchronisation is the final copy of the sampled ids.
 """
 
 from __future__ import annotations
 
 import torch
 
-from turboinfer.engine.request import Request
+from turboinfer.runner.request_state import RequestState
 
 
-def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[Request]) -> None:
+def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[RequestState]) -> None:
     vocab = logits.shape[-1]
     for i in rows:
         req, p = reqs[i], reqs[i].params
         row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(req.all_token_ids, device=logits.device).clamp_(0, vocab - 1)
+            seen = torch.tensor(req.token_ids, device=logits.device).clamp_(0, vocab - 1)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
@@ -29,12 +32,15 @@ def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[Request]) -> Non
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _filter(logits: torch.Tensor, params: list, device: torch.device) -> torch.Tensor:
     # logits: [rows, vocab] already divided by temperature; returns them with excluded tokens at -inf
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
         drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
@@ -69,7 +75,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]):
+    def __call__(self, logits: torch.Tensor, reqs: list[RequestState]):
         """logits: [num_seqs, vocab] float32. Returns (token ids, per-row logprob dicts or None)."""
         n = logits.shape[0]
         want_lp = [r.params.logprobs is not None for r in reqs]
@@ -91,10 +97,7 @@ class Sampler:
             sub = logits[idx]
             ps = [reqs[i].params for i in random_rows]
             temp = torch.tensor([p.temperature for p in ps], device=logits.device)
-            top_k = torch.tensor([p.top_k for p in ps], device=logits.device)
-            top_p = torch.tensor([p.top_p for p in ps], device=logits.device)
-            min_p = torch.tensor([p.min_p for p in ps], device=logits.device)
-            sub = _filter(sub / temp[:, None], top_k, top_p, min_p)
+            sub = _filter(sub / temp[:, None], ps, logits.device)
             probs = sub.softmax(-1)
             noise = torch.empty_like(probs)
             for j, i in enumerate(random_rows):
@@ -105,6 +108,7 @@ class Sampler:
             tokens[idx] = (probs / noise).argmax(-1)
 
         logprobs = [None] * n
+        token_ids = tokens.tolist()
         if raw_logprobs is not None:
             rows = [i for i in range(n) if want_lp[i]]
             k = max(reqs[i].params.logprobs for i in rows)
@@ -112,6 +116,5 @@ class Sampler:
             dicts = top_logprobs(raw_logprobs[idx], tokens[idx], k)
             for i, d in zip(rows, dicts):
                 want = reqs[i].params.logprobs
-                chosen = tokens[i].item()
-                logprobs[i] = {t: v for t, v in d.items() if t == chosen or v[1] <= want}
-        return tokens.tolist(), logprobs
+                logprobs[i] = {t: v for t, v in d.items() if t == token_ids[i] or v[1] <= want}
+        return token_ids, logprobs

@@ -7,25 +7,25 @@ import importlib.util
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from turboinfer import memory
 from turboinfer.config import EngineConfig, ModelArch, default_num_threads, parse_memory
+from turboinfer.engine.executor import EngineInfo
 from turboinfer.errors import InvalidRequestError
+from turboinfer.kv_cache.spec import bytes_per_seq, group_layers, max_len_that_fits, null_bytes, size_pools
 from turboinfer.loader.model_loader import (check_quantization, init_dummy_weights, load_arch, load_tokenizer,
                                             load_weights_into, quantize_loaded, resolve_for_load)
 from turboinfer.loader.resolve import ResolvedModel
+from turboinfer.memory.shapes import dtype_name
 from turboinfer.models.registry import build_model
 from turboinfer.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("turboinfer")
 
 CPU_KV_DEFAULT = 2 * 2**30  # default CPU KV budget; raise with --kv-cache-memory
-
-
-KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def available_ram() -> int:
@@ -78,12 +78,12 @@ class Worker:
     arch: ModelArch
     tokenizer: object
     runner: ModelRunner
-    num_blocks: int
     max_model_len: int
     device: str
     dtype: torch.dtype
     load_seconds: float
     num_packed_layers: int  # linear layers computing from quantized weights
+    info: EngineInfo | None = None  # what the engine and its front doors are told (set once started)
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
@@ -116,10 +116,11 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 def memory_report(worker: "Worker", cfg: EngineConfig) -> list[str]:
     """The estimator's breakdown filled in with what this engine really allocated (weights, KV pool)."""
     est = memory.estimate_inference(
-        worker.arch, name=worker.resolved.display_name, dtype=str(worker.dtype).replace("torch.", ""),
+        worker.arch, name=worker.resolved.display_name, dtype=dtype_name(worker.dtype),
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=worker.max_model_len, max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.block_size,
-        device="cuda" if worker.device.startswith("cuda") else "cpu", num_kv_blocks=worker.num_blocks,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, enable_chunked_prefill=cfg.enable_chunked_prefill,
+        block_size=cfg.block_size, device="cuda" if worker.device.startswith("cuda") else "cpu",
+        kv_groups=list(worker.runner.kv_groups),
         weight_bytes=model_weight_bytes(worker.runner.model), weights_note="as loaded",
         cuda_graphs=worker.runner.decode_graphs is not None)
     return [f"  {label:<14} {nbytes / 2**20:10.1f} MiB  {note}" for label, nbytes, note in est.breakdown()]
@@ -154,10 +155,12 @@ def create_worker(cfg: EngineConfig) -> Worker:
     release_load_memory()
 
     # The KV pool is sized after the weights are in memory, so on CUDA it takes what is really left.
-    kv_dtype = KV_DTYPES.get(cfg.kv_cache_dtype, dtype)
-    per_token = memory.kv_cache_bytes_per_token(arch, cfg.kv_cache_dtype, dtype)
+    kv_name = dtype_name(dtype) if cfg.kv_cache_dtype == "auto" else cfg.kv_cache_dtype
+    groups = group_layers([attn.kv_cache_spec(kv_name) for attn in model.attention_layers()])
+    bs = cfg.block_size
+    chunk = cfg.max_num_batched_tokens if cfg.enable_chunked_prefill else max(cfg.max_num_batched_tokens, max_len)
     if cfg.num_gpu_blocks_override is not None:
-        num_blocks = cfg.num_gpu_blocks_override + 1  # + the null block
+        groups = [replace(g, num_blocks=cfg.num_gpu_blocks_override + 1) for g in groups]  # + the null block
     else:
         if cfg.kv_cache_memory != "auto":
             budget = parse_memory(cfg.kv_cache_memory)
@@ -166,27 +169,44 @@ def create_worker(cfg: EngineConfig) -> Worker:
             from turboinfer.memory.inference import activation_bytes
 
             activations = activation_bytes(arch, cfg.max_num_batched_tokens, cfg.max_num_seqs, max_len,
-                                           str(dtype).replace("torch.", ""), cfg.kv_cache_dtype)
+                                           dtype_name(dtype), cfg.kv_cache_dtype)
             budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations
         else:
-            want = (cfg.max_num_seqs * max_len + cfg.block_size) * per_token  # + the null block
+            want = cfg.max_num_seqs * bytes_per_seq(groups, max_len, bs, chunk) + null_bytes(groups, bs)
             budget = min(want, CPU_KV_DEFAULT, available_ram() // 4)
-        num_blocks = memory.num_kv_blocks_for_budget(arch, budget, cfg.block_size, cfg.kv_cache_dtype, dtype)
-    capacity = (num_blocks - 1) * cfg.block_size
-    if num_blocks < 2:
+        groups = size_pools(groups, budget, max_len, bs, chunk)
+    if min(g.num_blocks for g in groups) < 2:
         raise InvalidRequestError("the KV-cache budget is smaller than one block; raise --kv-cache-memory")
-    if cfg.max_model_len is not None and cfg.max_model_len > capacity:
+    capacity = max_len_that_fits(groups, bs, chunk)
+    if capacity is not None and cfg.max_model_len is not None and cfg.max_model_len > capacity:
         raise InvalidRequestError(f"--max-model-len {cfg.max_model_len} needs {cfg.max_model_len} KV tokens but the "
                                   f"cache holds {capacity}; raise --kv-cache-memory or lower --max-model-len")
-    max_len = min(max_len, capacity)
+    max_len = min(max_len, capacity or max_len)
     from turboinfer.layers.rotary import RotaryEmbedding
 
     for mod in model.modules():
         if isinstance(mod, RotaryEmbedding):
             mod.resize(max_len)  # positions 0 .. max_len - 1 are all a request can reach
-    runner = ModelRunner(model, num_blocks, cfg.block_size, torch.device(device), dtype, kv_dtype=kv_dtype,
-                         seed=cfg.seed, attention_backend=attention_backend, max_num_seqs=cfg.max_num_seqs,
-                         max_seq_len=max_len, cuda_graphs=device.startswith("cuda") and not cfg.enforce_eager)
+    runner = ModelRunner(model, groups, bs, torch.device(device), dtype, seed=cfg.seed,
+                         attention_backend=attention_backend, max_num_seqs=cfg.max_num_seqs, max_seq_len=max_len,
+                         cuda_graphs=device.startswith("cuda") and not cfg.enforce_eager)
     release_load_memory()  # again: the full-length rotary tables and the runner's set-up temporaries are freed now
-    return Worker(resolved, arch, tokenizer, runner, num_blocks, max_len, device, dtype, time.monotonic() - t0,
-                  num_packed)
+    worker = Worker(resolved, arch, tokenizer, runner, max_len, device, dtype, time.monotonic() - t0, num_packed)
+    eos = frozenset(arch.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
+    worker.info = EngineInfo(
+        model=resolved.display_name, path=resolved.path, model_format=resolved.kind, architecture=arch.architecture, dtype=dtype_name(dtype), device=device,
+        max_model_len=max_len, vocab_size=arch.vocab_size, eos_token_ids=eos, block_size=bs,
+        kv_cache_groups=tuple(groups), kv_cache_bytes=runner.kv_cache_bytes(),
+        weight_bytes=model_weight_bytes(model), load_seconds=worker.load_seconds,
+        num_packed_layers=num_packed, decode_path=decode_path(runner), memory_lines=tuple(memory_report(worker, cfg)))
+    return worker
+
+
+def decode_path(runner: ModelRunner) -> str:
+    graphs = runner.decode_graphs
+    if graphs is not None:
+        return (f"CUDA graphs: {len(graphs.graphs)} decode batch sizes up to {graphs.max_batch} captured in "
+                f"{graphs.capture_seconds:.1f}s (--enforce-eager to skip)")
+    if runner.cpu_decoder is not None:
+        return "CPU decode: one C call per step (docs/cpu_decode.md)"
+    return ""

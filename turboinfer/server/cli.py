@@ -50,16 +50,14 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TURBOINFER_API_KEY") or None
     print(f"Loading {cfg.model} ...", file=sys.stderr, flush=True)
     async_engine = AsyncEngine.from_config(cfg)
-    w = async_engine.engine.worker
-    name = args.served_model_name or w.resolved.display_name
-    num_blocks = async_engine.stats()["num_blocks"]
+    info = async_engine.info
+    name = args.served_model_name or info.model
     url = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
-    print(f"Serving {w.resolved.display_name} ({w.arch.architecture}, {str(w.dtype).replace('torch.', '')}, {w.device}) as {name!r}; "
-          f"KV cache {num_blocks * cfg.block_size} tokens ({num_blocks} blocks of {cfg.block_size}), "
-          f"max_model_len {async_engine.max_model_len}", file=sys.stderr, flush=True)
+    print("\n".join(info.banner()), file=sys.stderr)
+    print(f"Serving {info.model} as {name!r}", file=sys.stderr, flush=True)
     print(f"Chat page: {url}/   OpenAI API: {url}/v1   metrics: {url}/metrics"
           f"{'   (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-    aliases = tuple(a for a in (cfg.model, w.resolved.display_name) if a != name)
+    aliases = tuple(a for a in (cfg.model, info.model) if a != name)
     app = build_app(async_engine, name, api_key, args.max_waiting_requests, max_tokens_limit=args.max_tokens_limit,
                     model_aliases=aliases)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -36,6 +36,11 @@ def dumps(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
+# Request fields passed to SamplingParams under the same name when the client sends them.
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "seed", "min_tokens", "stop", "stop_token_ids")
+
+
 class OpenAIServing:
     def __init__(self, async_engine, served_model_name: str, metrics: ServerMetrics, *,
                  model_aliases: tuple[str, ...] = (), max_waiting: int | None = None,
@@ -48,7 +53,6 @@ class OpenAIServing:
         self.max_tokens_limit = max_tokens_limit
         self.tokenizer = async_engine.tokenizer
         self.max_model_len = async_engine.max_model_len
-        self.vocab_size = async_engine.engine.worker.arch.vocab_size
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
@@ -122,30 +126,20 @@ class OpenAIServing:
                            param="model", code="model_not_found")
         if req.stream_options is not None and not req.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
-        for t in req.stop_token_ids or []:
-            if not 0 <= t < self.vocab_size:
-                raise APIError(f"stop token id {t} is outside the vocabulary [0, {self.vocab_size})",
-                               param="stop_token_ids")
 
     def _tokenize(self, prompt: str | list[int], param: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of a prompt, checked by the engine (the one place that validates prompts); its errors are
+        reported against this request's field name."""
+        ids = prompt
         if isinstance(prompt, str):
             try:
                 ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             except Exception as e:  # noqa: BLE001 -- text the tokenizer refuses is the client's to fix
                 raise APIError(f"{param} cannot be tokenized: {e}", param=param) from None
-        else:
-            ids = list(prompt)
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise APIError(f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                               param=param)
-        if not ids:
-            raise APIError(f"{param} is empty", param=param)
-        if len(ids) >= self.max_model_len:
-            raise APIError(f"this model's maximum context length is {self.max_model_len} tokens, but {param} has "
-                           f"{len(ids)} tokens, leaving no room for a completion; shorten it", param=param,
-                           code="context_length_exceeded")
-        return ids
+        try:
+            return self.engine.tokenize_prompt(list(ids))
+        except InvalidRequestError as e:
+            raise APIError(f"{param}: {e}", param=param, code=e.code) from None
 
     def _sampling(self, req: SamplingFields, ids: list[int], max_tokens: int | None, default: int | None,
                   logprobs: int | None, prompt_logprobs: int | None, param: str = "max_tokens") -> SamplingParams:
@@ -160,21 +154,14 @@ class OpenAIServing:
             raise APIError(f"this model's maximum context length is {self.max_model_len} tokens; you asked for "
                            f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate); lower "
                            f"{param} or shorten the prompt", param=param, code="context_length_exceeded")
-        def pick(value, fallback):
-            return fallback if value is None else value
-
+        # Fields the client left out take SamplingParams' own defaults (the one place defaults live).
+        given = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name, None) is not None}
         try:
-            return SamplingParams(
-                n=pick(req.n, 1), temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
-                top_k=pick(req.top_k, -1), min_p=pick(req.min_p, 0.0),
-                repetition_penalty=pick(req.repetition_penalty, 1.0),
-                presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
-                seed=req.seed, max_tokens=max_tokens, min_tokens=pick(req.min_tokens, 0), stop=req.stop,
-                stop_token_ids=req.stop_token_ids, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+            return SamplingParams(**given, max_tokens=max_tokens, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
         except InvalidRequestError as e:
-            name = str(e).split(" ", 1)[0]
-            raise APIError(str(e), param=name if name in type(req).model_fields else None) from None
+            param = e.param if e.param in type(req).model_fields else None
+            raise APIError(str(e), param=param) from None
 
     async def _start(self, rid: str, token_ids: list[list[int]], params: list[SamplingParams]) -> list:
         if self.max_waiting is not None and self.engine.num_waiting() >= self.max_waiting:
@@ -190,7 +177,7 @@ class OpenAIServing:
             if isinstance(e, EngineShutdownError):
                 raise APIError(str(e), status=503, code="shutting_down", headers={"Retry-After": "5"}) from None
             if isinstance(e, InvalidRequestError):
-                raise APIError(str(e)) from None
+                raise APIError(str(e), param=e.param, code=e.code) from None
             raise
         return streams
 

@@ -92,7 +92,7 @@ DECODE_GATHER_TOKENS = 16384  # K/V rows one decode gather may hold (memory/infe
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, max_seq_len: int, scale: float,
                      sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, plan: list | None = None) -> torch.Tensor:
     """One new token per sequence, computed a group of sequences at a time.
 
     q: [batch, num_heads, head_dim]; seq_lens: [batch] tokens in the cache including the new one.
@@ -101,8 +101,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     are grouped longest first so that no group gathers more than DECODE_GATHER_TOKENS rows (or one sequence's
     own), instead of every sequence padded to the longest: 64 decodes beside one at 8,192 tokens would gather
     524,288 rows, 800 MiB for SmolLM2-135M.
+
+    plan: `plan_decode` of these same arguments; the runner computes it once per step and KV group and every
+    layer of the group reuses it (None: computed here).
     """
-    groups = _decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], sliding_window)
+    groups = plan if plan is not None else plan_decode(block_tables, seq_lens, max_seq_len, k_cache.shape[1],
+                                                       sliding_window)
     if len(groups) == 1:
         return _decode_group(q, k_cache, v_cache, k_scale, v_scale, *groups[0][1:], scale)
     out = torch.empty_like(q)
@@ -124,36 +128,28 @@ def _decode_group(q, k_cache, v_cache, k_scale, v_scale, flat, mask, scale):
     return torch.matmul(probs, v).view(batch, num_heads, head_dim).to(q.dtype)
 
 
-_plan_key: tuple | None = None
-_plan: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
-
-
-def _decode_plan(block_tables, seq_lens, max_seq_len, block_size, sliding_window):
-    """[(batch rows or None for all, flat block ids, additive key mask [rows, 1, 1, L])] per group, computed once
-    per step and shared by all layers (the key holds the step's tensors themselves, so a later step can never
-    match by accident)."""
-    global _plan_key, _plan
-    key = (block_tables, seq_lens, max_seq_len, block_size, sliding_window)
-    if _plan_key is None or any(a is not b for a, b in zip(key[:2], _plan_key[:2])) or key[2:] != _plan_key[2:]:
-        padded = -(-max_seq_len // block_size) * block_size
-        batch = seq_lens.shape[0]
-        capturing = seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()  # shapes fixed at capture
-        if batch * padded <= DECODE_GATHER_TOKENS or batch == 1 or capturing:
-            groups = [(None, max_seq_len, block_tables, seq_lens)]
-        else:
-            groups = []
-            order = torch.argsort(seq_lens, descending=True)
-            lens = seq_lens[order].tolist()
-            start = 0
-            while start < batch:
-                width = -(-lens[start] // block_size) * block_size  # the group's longest, padded to blocks
-                n = max(1, min(batch - start, DECODE_GATHER_TOKENS // width))
-                rows = order[start:start + n]
-                groups.append((rows, lens[start], block_tables[rows], seq_lens[rows]))
-                start += n
-        _plan_key, _plan = key, [(rows, *_group_plan(tables, lens, longest, block_size, sliding_window))
-                                 for rows, longest, tables, lens in groups]
-    return _plan
+def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int,
+                sliding_window: int | None) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    """[(batch rows or None for all, flat block ids, additive key mask [rows, 1, 1, L])] per group of decodes:
+    depends only on the step's block tables and lengths, so one plan serves every layer that shares them."""
+    padded = -(-max_seq_len // block_size) * block_size
+    batch = seq_lens.shape[0]
+    capturing = seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()  # shapes fixed at capture
+    if batch * padded <= DECODE_GATHER_TOKENS or batch == 1 or capturing:
+        groups = [(None, max_seq_len, block_tables, seq_lens)]
+    else:
+        groups = []
+        order = torch.argsort(seq_lens, descending=True)
+        lens = seq_lens[order].tolist()
+        start = 0
+        while start < batch:
+            width = -(-lens[start] // block_size) * block_size  # the group's longest, padded to blocks
+            n = max(1, min(batch - start, DECODE_GATHER_TOKENS // width))
+            rows = order[start:start + n]
+            groups.append((rows, lens[start], block_tables[rows], seq_lens[rows]))
+            start += n
+    return [(rows, *_group_plan(tables, lens, longest, block_size, sliding_window))
+            for rows, longest, tables, lens in groups]
 
 
 def _group_plan(block_tables, seq_lens, max_seq_len, block_size, sliding_window):

@@ -145,11 +145,19 @@ def _decode_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
+def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int,
+                sliding_window: int | None) -> None:
+    return None
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, max_seq_len: int, scale: float,
                      sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, plan: None = None) -> torch.Tensor:
     """One new token per sequence, all sequences in one batched computation.
+
+    plan: always None here (`plan_decode`): the kernel sizes its splits from max_seq_len on the host, so it needs
+    no per-step plan; the argument keeps the signature of the PyTorch twin.
 
     q: [batch, num_heads, head_dim]; seq_lens: [batch] tokens in the cache including the new one, each at
     most max_seq_len (a host-side bound: the splits are sized from it without reading seq_lens).

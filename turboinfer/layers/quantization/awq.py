@@ -131,18 +131,21 @@ def prefill_batch(model: nn.Module, num_tokens: int) -> tuple:
     """-> (positions [num_tokens], attention metadata) for one prefill of num_tokens tokens into block 1 of the
     caches calibration_caches installed (num_tokens at most their block size)."""
     from turboinfer.kernels import get_ops
-    from turboinfer.runner.attention_metadata import AttentionMetadata
+    from turboinfer.kernels.metadata import AttentionMetadata, KVGroupMetadata
 
     n = num_tokens
-    cache = model.attention_layers()[0].k_cache
+    layers = model.attention_layers()
+    cache = layers[0].k_cache
     block, device = cache.shape[1], cache.device
     if n > block:
         raise ValueError(f"{n} calibration tokens do not fit a temporary cache block of {block}")
     empty = torch.zeros(0, dtype=torch.int64, device=device)
-    meta = AttentionMetadata(ops=get_ops("torch"), slot_mapping=torch.arange(block, block + n, device=device),
-                             num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
-                             decode_block_tables=empty.view(0, 1), prefill_query_lens=[n], prefill_seq_lens=[n],
-                             prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
+    group = KVGroupMetadata(slot_mapping=torch.arange(block, block + n, device=device),
+                            decode_block_tables=empty.view(0, 1),
+                            prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
+    meta = AttentionMetadata(ops=get_ops("torch"), num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
+                             prefill_query_lens=[n], prefill_seq_lens=[n],
+                             groups=[group] * (1 + max(a.kv_group for a in layers)))  # one temporary cache each
     return torch.arange(n, device=device), meta
 
 
