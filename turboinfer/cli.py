@@ -62,19 +62,73 @@ def _make_llm(args):
     return llm
 
 
+class CtrlC:
+    """The SIGINT handler of `generate` and `chat`. Only at the chat prompt does Ctrl-C raise KeyboardInterrupt
+    (so that input() returns); anywhere else it just sets `stop`, which the reply loop checks after each step.
+    A KeyboardInterrupt raised at an arbitrary bytecode could land inside an engine step, the generator's abort,
+    a write to stdout or a finalizer (where Python prints and drops it, and the reply runs on): deferring it
+    makes every Ctrl-C during a reply end the same way, with the engine between steps."""
+
+    def __init__(self) -> None:
+        self.at_prompt = False  # input() is waiting: raise, once (the handler clears it, so a second press defers)
+        self.stop = False  # Ctrl-C came while not at the prompt: end the reply after this step
+        self._prev = None  # the handler to restore; None when none was installed
+
+    def __call__(self, signum, frame) -> None:
+        if self.at_prompt:
+            self.at_prompt = False
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def leave_prompt(self) -> None:
+        """input() returned: later presses stop the coming reply. In this order, a press in between raises."""
+        self.stop = False
+        self.at_prompt = False
+
+    def __enter__(self) -> "CtrlC":
+        import signal
+        import threading
+
+        # Only the main thread may set handlers; and a SIGINT the parent told us to ignore stays ignored.
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._prev = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+            self._prev = None
+
+
+def stream_reply(llm, prompt, params, ctrl_c: CtrlC) -> tuple[str, bool]:
+    """Write one completion to stdout as it is generated. Returns (its text, whether Ctrl-C stopped it)."""
+    text, stopped = "", False
+    stream = llm.stream(prompt, params)
+    try:
+        for out in stream:
+            sys.stdout.write(out.outputs[0].delta)
+            sys.stdout.flush()
+            text = out.outputs[0].text
+            if ctrl_c.stop and not out.finished:
+                stopped = True
+                break
+    finally:
+        stream.close()  # aborts the request (frees its KV blocks) unless it finished
+    return text, stopped
+
+
 def cmd_generate(args) -> int:
     params = sampling_from_args(args)  # bad sampling values fail before the model loads
     llm = _make_llm(args)
     prompt = args.prompt
     if args.chat_template:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
-    try:
-        for out in llm.stream(prompt, params):
-            sys.stdout.write(out.outputs[0].delta)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
-    sys.stdout.write("\n")
+    with CtrlC() as ctrl_c:  # Ctrl-C ends the completion where it is
+        stream_reply(llm, prompt, params, ctrl_c)
+        sys.stdout.write("\n")
     return 0
 
 
@@ -89,40 +143,37 @@ def cmd_chat(args) -> int:
         history.append({"role": "system", "content": args.system})
     print("Chat with the model. /reset clears the conversation, /exit (or Ctrl-D) quits, "
           "Ctrl-C stops a reply.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        except KeyboardInterrupt:
-            print("\n(use /exit or Ctrl-D to quit)", file=sys.stderr)
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit", "/bye"):
-            return 0
-        if text == "/reset":
-            history = history[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        reply = ""
-        try:
-            prompt = llm.apply_chat_template(history)
-            for out in llm.stream(prompt, params):
-                sys.stdout.write(out.outputs[0].delta)
-                sys.stdout.flush()
-                reply = out.outputs[0].text
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        except TurboInferError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
-            history.pop()
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
+    with CtrlC() as ctrl_c:
+        while True:
+            try:
+                ctrl_c.at_prompt = True
+                line = input(">>> ")
+                ctrl_c.leave_prompt()
+            except EOFError:
+                ctrl_c.leave_prompt()
+                print(file=sys.stderr)
+                return 0
+            except KeyboardInterrupt:
+                print("\n(use /exit or Ctrl-D to quit)", file=sys.stderr)
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit", "/bye"):
+                return 0
+            if text == "/reset":
+                history = history[:1] if args.system else []
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                reply, stopped = stream_reply(llm, llm.apply_chat_template(history), params, ctrl_c)
+            except TurboInferError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
+                history.pop()
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            sys.stdout.write(" [stopped]\n" if stopped else "\n")
+            history.append({"role": "assistant", "content": reply})
 
 
 def cmd_models(args) -> int:
