@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from turboinfer.config import ModelArch
 from turboinfer.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from turboinfer.loader.gguf_dequant import dequantize
-from turboinfer.loader.gguf_file import GGUFFile, gguf_to_hf_name
+from turboinfer.loader.gguf_file import GGUFFile
+from turboinfer.models.llama_family import LLAMA
+from turboinfer.models.registry import arch_from_hf_config
 
 LAYER_PARAMS = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -26,9 +27,9 @@ def test_hf_config_of_default_model(smollm):
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
         "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "rope_scaling": None,
         "max_position_embeddings": 8192, "tie_word_embeddings": True, "attention_bias": False,
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16", "mlp_bias": False,
     }
-    arch = ModelArch.from_hf_config(cfg)
+    arch = arch_from_hf_config(cfg)
     assert (arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.eos_token_ids) == (9, 3, 64, (2,))
     assert smollm.architecture == "llama"
     assert smollm.metadata["tokenizer.ggml.pre"] == "smollm"
@@ -41,10 +42,10 @@ def test_every_tensor_maps_to_an_hf_name(smollm):
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     expected |= {f"model.layers.{i}.{p}.weight" for i in range(30) for p in LAYER_PARAMS}
     assert set(names) == expected
-    assert gguf_to_hf_name("blk.7.attn_output.weight") == "model.layers.7.self_attn.o_proj.weight"
-    assert gguf_to_hf_name("blk.0.attn_q.bias") == "model.layers.0.self_attn.q_proj.bias"
-    assert gguf_to_hf_name("blk.0.attn_k_norm.weight") == "model.layers.0.self_attn.k_norm.weight"
-    assert gguf_to_hf_name("blk.0.attn_qkv.weight") is None
+    assert LLAMA.hf_tensor_name("blk.7.attn_output.weight") == "model.layers.7.self_attn.o_proj.weight"
+    assert LLAMA.hf_tensor_name("blk.0.attn_q.bias") == "model.layers.0.self_attn.q_proj.bias"
+    assert LLAMA.hf_tensor_name("blk.0.attn_k_norm.weight") == "model.layers.0.self_attn.k_norm.weight"
+    assert LLAMA.hf_tensor_name("blk.0.attn_qkv.weight") is None
 
 
 def test_tensors_in_hf_layout(smollm):
@@ -76,7 +77,7 @@ def test_qk_unpermute_matches_transformers_gguf_loader(smollm):
     for t in reader.tensors:
         if ".attn_q." in t.name or ".attn_k." in t.name:
             theirs = processor.process(weights=gguf.quants.dequantize(t.data, t.tensor_type), name=t.name).weights
-            ours = smollm.get_tensor(gguf_to_hf_name(t.name))
+            ours = smollm.get_tensor(LLAMA.hf_tensor_name(t.name))
             assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(theirs))), t.name
             checked += 1
     assert checked == 60
@@ -129,9 +130,9 @@ def test_llama_qk_permutation_is_undone(tmp_path, write_gguf):
     stored["blk.0.attn_q.weight"] = (q8, gguf.GGMLQuantizationType.Q8_0)
     f = GGUFFile(write_gguf(tmp_path / "tiny.gguf", "llama", stored, _llama_kv()))
     got = dict(f.iter_tensors())
-    assert set(got) == {gguf_to_hf_name(n) for n in hf}
+    assert set(got) == {LLAMA.hf_tensor_name(n) for n in hf}
     for gname, arr in hf.items():
-        hname = gguf_to_hf_name(gname)
+        hname = LLAMA.hf_tensor_name(gname)
         if gname == "blk.0.attn_q.weight":
             expect = torch.from_numpy(gguf.quants.dequantize(
                 gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0))
@@ -151,13 +152,13 @@ def test_qwen_tensors_are_not_permuted(tmp_path, write_gguf, arch):
     hf["output.weight"] = rng.standard_normal((32, 64)).astype(np.float32)
     f = GGUFFile(write_gguf(tmp_path / f"{arch}.gguf", arch, hf, _llama_kv(arch)))
     got = dict(f.iter_tensors())
-    assert {gguf_to_hf_name(n) for n in hf} == set(got)
+    assert {LLAMA.hf_tensor_name(n) for n in hf} == set(got)
     for gname, arr in hf.items():
-        assert torch.equal(got[gguf_to_hf_name(gname)], torch.from_numpy(arr)), gname
+        assert torch.equal(got[LLAMA.hf_tensor_name(gname)], torch.from_numpy(arr)), gname
     cfg = f.hf_config()
     assert cfg["architectures"] == [f"{arch.capitalize()}ForCausalLM"] and not cfg["tie_word_embeddings"]
     assert cfg["attention_bias"] == (arch == "qwen2")
-    assert ModelArch.from_hf_config(cfg).qk_norm == (arch == "qwen3")
+    assert arch_from_hf_config(cfg).qk_norm == (arch == "qwen3")
 
 
 def test_mistral_marked_by_name(tmp_path, write_gguf):
@@ -165,7 +166,7 @@ def test_mistral_marked_by_name(tmp_path, write_gguf):
     f = GGUFFile(write_gguf(tmp_path / "m.gguf", "llama", t, {**_llama_kv(), "general.name": "Mistral 7B Instruct"}))
     cfg = f.hf_config()
     assert cfg["architectures"] == ["MistralForCausalLM"] and cfg["model_type"] == "mistral"
-    assert ModelArch.from_hf_config(cfg).sliding_window is None
+    assert arch_from_hf_config(cfg).sliding_window is None
 
 
 def test_rope_scaling_keys(tmp_path, write_gguf):

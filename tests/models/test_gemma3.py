@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from gguf_writer import write_gguf_file
-from turboinfer.config import ModelArch
 from turboinfer.layers.quantization.awq import calibration_batch
 from turboinfer.loader.gguf_file import GGUFFile
 from turboinfer.loader.model_loader import load_arch, load_weights_into
 from turboinfer.loader.resolve import ALIASES, cache_dir, resolve_model
-from turboinfer.models.registry import build_model
+from turboinfer.models.registry import arch_from_hf_config, build_model
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, WINDOW = 64, 4, 2, 16, 128, 512, 2, 8
@@ -94,7 +93,7 @@ def _logits(path: str, ids: list[int], keep_packed: bool) -> torch.Tensor:
 
 
 def test_config_from_gguf(gemma_gguf):
-    arch = ModelArch.from_hf_config(GGUFFile(gemma_gguf[0]).hf_config())
+    arch = arch_from_hf_config(GGUFFile(gemma_gguf[0]).hf_config())
     assert arch.architecture == "Gemma3ForCausalLM" and arch.hidden_act == "gelu_pytorch_tanh" and arch.qk_norm
     assert [arch.layer_window(i) for i in range(LAYERS)] == [WINDOW, None]
     assert (arch.rope_theta, arch.rope_local_theta, arch.query_pre_attn_scalar) == (1e6, 1e4, HEAD_DIM)

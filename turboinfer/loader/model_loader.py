@@ -10,9 +10,10 @@ from typing import Iterator
 
 import torch
 
-from turboinfer.config import ModelArch
 from turboinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from turboinfer.loader.resolve import ResolvedModel
+from turboinfer.models.arch import ModelArch
+from turboinfer.models.registry import arch_from_hf_config
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -37,11 +38,13 @@ def read_hf_config(model_dir: str) -> dict:
 
 
 def load_arch(resolved: ResolvedModel) -> ModelArch:
+    """The model's numbers; a GGUF file's metadata is first translated into an HF config by its family, so both
+    formats go through the same parse."""
     if resolved.kind == "gguf":
         from turboinfer.loader.gguf_file import GGUFFile
 
-        return ModelArch.from_hf_config(GGUFFile(resolved.path).hf_config())
-    return ModelArch.from_hf_config(read_hf_config(resolved.path))
+        return arch_from_hf_config(GGUFFile(resolved.path).hf_config())
+    return arch_from_hf_config(read_hf_config(resolved.path))
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -20,6 +20,8 @@ from typing import Any
 
 from turboinfer.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from turboinfer.memory.shapes import ModelShape, dtype_bytes, shape_from_hf_config, with_notes
+from turboinfer.models import registry
+from turboinfer.models.gguf_config import GGUFSource
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -237,23 +239,38 @@ def weight_bytes_from_gguf(path: str | os.PathLike, dtype_for_float_tensors: str
     return gguf_weights(read_gguf_header(path), dtype_for_float_tensors)
 
 
-# general.architecture -> HF model_type, for the numbers KV and activation estimates need.
-_GGUF_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-               "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "granite": "granite",
-               "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2"}
+# general.architecture -> HF model_type of the families the engine does not run (its own are translated by their
+# descriptor, as the loader translates them)
+_GGUF_TYPES = {"phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "granite": "granite", "qwen2moe": "qwen2_moe",
+               "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2"}
+
+
+def read_floats(header: GGUFHeader, name: str) -> list[float]:
+    """A small F32 / F16 tensor's values (the config a converter stores as a tensor, e.g. Llama 3's rope_freqs)."""
+    t = next(t for t in header.tensors if t.name == name)
+    fmt = {0: "f", 1: "e"}.get(t.ggml_type)
+    if fmt is None:
+        raise UnsupportedModelError(f"{header.path}: tensor {name} is stored as {type_name(t.ggml_type)}, not F32/F16")
+    with open(header.path, "rb") as f:
+        f.seek(header.data_offset + t.offset)
+        return list(struct.unpack(f"<{t.numel}{fmt}", f.read(t.nbytes)))
 
 
 def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     """GGUF metadata -> ModelShape. Missing keys raise naming the GGUF keys."""
     md = header.metadata
     arch = str(md.get("general.architecture", ""))
+    family = registry.by_gguf_architecture(arch)
+    if family is not None and not md.get(f"{arch}.expert_count"):  # a "llama" file with experts is Mixtral
+        src = GGUFSource(header.path, md, {t.name: t.shape for t in header.tensors},
+                         lambda name: read_floats(header, name))
+        return _shape_from_config(header, family.gguf_config(src), [])
     names = {t.name: t for t in header.tensors}
-    model_type = _GGUF_TYPES.get(arch)
-    if model_type == "llama" and md.get(f"{arch}.expert_count"):
-        model_type = "mixtral"
+    model_type = "mixtral" if arch == "llama" else _GGUF_TYPES.get(arch)
     if model_type is None:
+        known = sorted({*_GGUF_TYPES, *registry.SUPPORTED_GGUF_ARCHITECTURES})
         raise UnsupportedModelError(f"{header.path}: GGUF architecture {arch or '<missing>'!r} is not known to the "
-                                    f"memory estimator (known: {', '.join(sorted(_GGUF_TYPES))})")
+                                    f"memory estimator (known: {', '.join(known)})")
     notes: list[str] = []
     missing: list[str] = []
 
@@ -303,6 +320,10 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
                    first_k_dense_replace=get("leading_dense_block_count", 0))
         if "blk.0.attn_kv_b.weight" not in names and "blk.0.attn_k_b.weight" in names:
             notes.append("MLA weights are stored split (attn_k_b/attn_v_b); KV numbers are unaffected")
+    return _shape_from_config(header, cfg, notes)
+
+
+def _shape_from_config(header: GGUFHeader, cfg: dict[str, Any], notes: list[str]) -> ModelShape:
     try:
         shape = shape_from_hf_config(cfg)
     except UnsupportedModelError as e:

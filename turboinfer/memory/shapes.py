@@ -1,9 +1,11 @@
 """The numbers memory depends on, for more model families than the engine runs.
 
-`ModelShape` is what every estimate reads. It comes from a `config.ModelArch` (the engine's own models), from
-an HF config.json dict (any family listed in `FAMILIES`, including ones the engine does not run yet, such as
-Gemma 2/3, Mixtral, Qwen MoE and DeepSeek-V2/V3 with multi-head latent attention), or from GGUF metadata
-(`gguf_header.py`). Reading needs only the config numbers: no weights, no transformers.
+`ModelShape` is what every estimate reads. The engine's own families (models/registry.py) come through their
+descriptor: an HF config.json dict is parsed by the family's `parse_config` into a `models.arch.ModelArch`, and
+GGUF metadata (`gguf_header.py`) is first translated by the same family, exactly as the loader does, so a model
+has one shape whichever file describes it. Families the engine does not run yet (`_LAYOUTS`: Gemma 1/2, Phi-3,
+Granite, Mixtral, Qwen MoE, DeepSeek-V2/V3 with multi-head latent attention) are read here from their config.
+Reading needs only the config numbers: no weights, no transformers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from turboinfer.errors import InvalidRequestError, UnsupportedModelError
+from turboinfer.models import registry
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "int8": 1, "uint8": 1, "fp8": 1,
                "float8_e4m3fn": 1, "float8_e5m2": 1}
@@ -79,18 +82,16 @@ class ModelShape:
         return self.num_kv_heads * self.head_dim
 
 
-# model_type -> (family layout, extra required config fields). The layout decides the parameter inventory.
-FAMILIES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "granite": "llama",
-    "phi3": "llama", "gemma": "llama", "gemma2": "llama", "gemma3_text": "llama",
+# model_type -> parameter layout, for the families the engine does not run (its own come from their descriptor)
+_LAYOUTS = {
+    "granite": "llama", "phi3": "llama", "gemma": "llama", "gemma2": "llama",
     "mixtral": "moe", "qwen2_moe": "moe", "qwen3_moe": "moe",
     "deepseek_v2": "mla", "deepseek_v3": "mla",
 }
 _ARCH_TO_TYPE = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3", "GraniteForCausalLM": "granite", "Phi3ForCausalLM": "phi3",
-    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-    "Gemma3ForConditionalGeneration": "gemma3", "MixtralForCausalLM": "mixtral",
+    **{a: t for f in registry.FAMILIES for a, t in f.hf_architectures.items()},
+    "GraniteForCausalLM": "granite", "Phi3ForCausalLM": "phi3", "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2", "Gemma3ForConditionalGeneration": "gemma3", "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3",
 }
@@ -122,15 +123,12 @@ def _windows(cfg: dict, model_type: str, num_layers: int) -> tuple[int | None, .
         return (None,) * num_layers
     if model_type == "gemma2":  # even layers slide, odd layers see everything
         return tuple(int(window) if i % 2 == 0 else None for i in range(num_layers))
-    if model_type == "gemma3_text":  # every `pattern`-th layer is global
-        pattern = int(cfg.get("sliding_window_pattern", 6))
-        return tuple(int(window) if (i + 1) % pattern else None for i in range(num_layers))
-    if model_type.startswith("qwen"):
+    if model_type in ("qwen2_moe", "qwen3_moe"):
         if not cfg.get("use_sliding_window"):
             return (None,) * num_layers
         first = int(cfg.get("max_window_layers", 0))
         return tuple(int(window) if i >= first else None for i in range(num_layers))
-    return (int(window),) * num_layers  # Mistral, Phi-3, Mixtral: every layer
+    return (int(window),) * num_layers  # Phi-3, Mixtral: every layer
 
 
 def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
@@ -143,11 +141,12 @@ def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
         model_type = text.get("model_type") or f"{model_type}_text"
         cfg = {"tie_word_embeddings": cfg.get("tie_word_embeddings", True), **text}
         notes.append("multimodal checkpoint: only the language model is counted (the vision encoder is not)")
-    if model_type not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
+    engine_family = registry.by_model_type(model_type)
+    if engine_family is None and model_type not in _LAYOUTS:
+        known = ", ".join(sorted({*_LAYOUTS, *(t for f in registry.FAMILIES for t in f.hf_architectures.values())}))
         raise UnsupportedModelError(f"model type {model_type or arch or '<missing>'!r} is not known to the memory "
                                     f"estimator (known: {known})")
-    family = FAMILIES[model_type]
+    family = _LAYOUTS.get(model_type, "llama")
     groups = [("vocab_size",), ("hidden_size",), ("num_hidden_layers",), ("num_attention_heads",)]
     if family == "mla":
         groups += [("kv_lora_rank",), ("qk_rope_head_dim",), ("qk_nope_head_dim",), ("v_head_dim",),
@@ -159,12 +158,15 @@ def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
     else:
         groups += [("intermediate_size",)]
     _require(cfg, model_type, groups)
-
     num_layers = int(cfg["num_hidden_layers"])
     num_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     if hidden <= 0 or num_layers <= 0 or num_heads <= 0:
         raise UnsupportedModelError("hidden_size, num_hidden_layers and num_attention_heads must be positive")
+    if engine_family is not None:  # the engine's own parse; model_type picks the class (the layout is the same)
+        shape = shape_from_arch(engine_family.parse_config({**cfg, "architectures": None, "model_type": model_type}))
+        _check(shape)
+        return with_notes(shape, *notes)
     head_dim = int(cfg.get("head_dim") or hidden // num_heads)
     bias = bool(cfg.get("attention_bias", False))
     kw: dict[str, Any] = dict(
@@ -173,14 +175,14 @@ def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
         v_head_dim=head_dim, intermediate_size=int(cfg.get("intermediate_size") or 0),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type.startswith("gemma"))),
         qkv_bias=bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
-        norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2, fused_qkv=model_type == "phi3",
+        qk_norm=model_type == "qwen3_moe",
+        norms_per_layer=4 if model_type == "gemma2" else 2, fused_qkv=model_type == "phi3",
         layer_windows=_windows(cfg, model_type, num_layers),
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
         torch_dtype=dtype_name(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"))
-    if model_type in ("qwen2", "qwen2_moe"):  # bias on q/k/v only
+    if model_type == "qwen2_moe":  # bias on q/k/v only
         kw.update(qkv_bias=bool(cfg.get("qkv_bias", True)), o_bias=False)
-    elif model_type in ("mistral", "mixtral", "phi3"):
+    elif model_type in ("mixtral", "phi3"):
         kw.update(qkv_bias=False, o_bias=False)
     if family == "moe":
         experts = int(_first(cfg, "num_local_experts", "num_experts"))
@@ -218,20 +220,20 @@ def _check(s: ModelShape) -> None:
 
 
 def shape_from_arch(arch: Any) -> ModelShape:
-    """config.ModelArch (the engine's normalised config) -> ModelShape."""
-    window = arch.sliding_window
+    """models.arch.ModelArch (the engine's parsed config) -> ModelShape; what the arch does not say (norms per
+    layer) its family's descriptor does."""
     return ModelShape(
         model_type=arch.model_type, vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
         num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
         head_dim=arch.head_dim, v_head_dim=arch.head_dim, intermediate_size=arch.intermediate_size,
-        tie_word_embeddings=arch.tie_word_embeddings, qkv_bias=arch.attention_bias,
-        o_bias=False, mlp_bias=False, qk_norm=arch.qk_norm,  # models/llama.py: o_proj never has a bias
-        norms_per_layer=2, fused_qkv=False, layer_windows=(window,) * arch.num_layers,
+        tie_word_embeddings=arch.tie_word_embeddings, qkv_bias=arch.attention_bias, o_bias=arch.o_bias,
+        mlp_bias=arch.mlp_bias, qk_norm=arch.qk_norm, norms_per_layer=registry.family_of(arch).norms_per_layer,
+        fused_qkv=False, layer_windows=tuple(arch.layer_window(i) for i in range(arch.num_layers)),
         max_position_embeddings=arch.max_position_embeddings, torch_dtype=dtype_name(arch.torch_dtype))
 
 
 def model_shape(arch: Any) -> ModelShape:
-    """Accepts a ModelShape, a config.ModelArch or an HF config dict."""
+    """Accepts a ModelShape, a models.arch.ModelArch or an HF config dict."""
     if isinstance(arch, ModelShape):
         return arch
     if isinstance(arch, dict):

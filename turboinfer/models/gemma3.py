@@ -1,4 +1,5 @@
-"""Gemma 3 (text): Gemma3ForCausalLM, the 270M and 1B checkpoints. Against the Llama family it differs in:
+"""Gemma 3 (text; descriptor: models/gemma3_family.py): Gemma3ForCausalLM, the 270M and 1B checkpoints. Against
+the Llama family it differs in:
 - four RMSNorms a layer: the attention and MLP outputs are normalised again before the residual add;
 - norms multiply by (1 + weight) in the HF checkpoint; the stored weight + 1 is loaded, so the layers are the
   ordinary RMSNorm (GGUF files carry the + 1 already and are read back to the checkpoint's values);
@@ -15,11 +16,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from turboinfer.config import ModelArch
 from turboinfer.kernels.metadata import AttentionMetadata
 from turboinfer.layers.linear import Linear
 from turboinfer.layers.norm import RMSNorm
 from turboinfer.layers.rotary import RotaryEmbedding
+from turboinfer.models.arch import ModelArch
 from turboinfer.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")  # every RMSNorm weight of the checkpoint (q_norm, k_norm too)

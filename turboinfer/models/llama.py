@@ -1,6 +1,7 @@
-"""The Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), SmolLM2, TinyLlama.
-MHA, GQA and MQA differ only in num_kv_heads. Parameter names follow the HF checkpoints, except that q/k/v
-and gate/up are merged into one matmul each (`STACKED` says how checkpoint names land in them)."""
+"""The Llama family's model (descriptor: models/llama_family.py): Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias),
+Qwen3 (q/k RMSNorm), SmolLM2, TinyLlama. MHA, GQA and MQA differ only in num_kv_heads. Parameter names follow the
+HF checkpoints, except that q/k/v and gate/up are merged into one matmul each (`STACKED` says how checkpoint names
+land in them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from turboinfer.config import ModelArch
 from turboinfer.errors import ModelLoadError
 from turboinfer.kernels.metadata import AttentionMetadata
 from turboinfer.layers.activation import gated_act
@@ -18,6 +18,7 @@ from turboinfer.layers.embedding import VocabEmbedding
 from turboinfer.layers.linear import Linear
 from turboinfer.layers.norm import RMSNorm
 from turboinfer.layers.rotary import RotaryEmbedding
+from turboinfer.models.arch import ModelArch
 
 # checkpoint name fragment -> (merged parameter fragment, shard)
 STACKED = {
@@ -38,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(arch.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=arch.attention_bias)
-        self.o_proj = Linear(q_size, arch.hidden_size)
+        self.o_proj = Linear(q_size, arch.hidden_size, bias=arch.o_bias)
         if arch.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
@@ -62,8 +63,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(arch.hidden_size, {0: arch.intermediate_size, 1: arch.intermediate_size})
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size)
+        self.gate_up_proj = Linear(arch.hidden_size, {0: arch.intermediate_size, 1: arch.intermediate_size},
+                                   bias=arch.mlp_bias)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
         self.act = arch.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
