@@ -10,23 +10,26 @@ from turboinfer.config import EngineConfig, add_cli_args, from_cli_args
 from turboinfer.errors import InvalidRequestError, TurboInferError
 
 SAMPLING_FLAGS = [
-    # (flag, type, default, help)
-    ("--max-tokens", int, 256, "most tokens to generate"),
-    ("--temperature", float, 0.7, "sampling temperature; 0 is greedy"),
-    ("--top-p", float, 0.9, "nucleus sampling: keep the smallest set of tokens whose probability reaches this"),
-    ("--top-k", int, -1, "keep only the k most likely tokens (-1: off)"),
-    ("--min-p", float, 0.0, "drop tokens less likely than this fraction of the most likely one"),
-    ("--repetition-penalty", float, 1.0, "divide logits of tokens already seen (>1 discourages repeats)"),
-    ("--presence-penalty", float, 0.0, "OpenAI presence penalty"),
-    ("--frequency-penalty", float, 0.0, "OpenAI frequency penalty"),
-    ("--seed", int, None, "seed for reproducible sampling"),
-    ("--stop", str, None, "stop when this text appears (repeatable)"),
-    ("--ignore-eos", bool, False, "keep generating past the end-of-sequence token (benchmarks)"),
+    # (flag, type, help); defaults come from sampling_params (CLI_DEFAULTS, else the SamplingParams field)
+    ("--max-tokens", int, "most tokens to generate"),
+    ("--temperature", float, "sampling temperature; 0 is greedy"),
+    ("--top-p", float, "nucleus sampling: keep the smallest set of tokens whose probability reaches this"),
+    ("--top-k", int, "keep only the k most likely tokens (-1: off)"),
+    ("--min-p", float, "drop tokens less likely than this fraction of the most likely one"),
+    ("--repetition-penalty", float, "divide logits of tokens already seen (>1 discourages repeats)"),
+    ("--presence-penalty", float, "OpenAI presence penalty"),
+    ("--frequency-penalty", float, "OpenAI frequency penalty"),
+    ("--seed", int, "seed for reproducible sampling"),
+    ("--stop", str, "stop when this text appears (repeatable)"),
+    ("--ignore-eos", bool, "keep generating past the end-of-sequence token (benchmarks)"),
 ]
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    for flag, typ, default, help_text in SAMPLING_FLAGS:
+    from turboinfer.sampling_params import default as sampling_default
+
+    for flag, typ, help_text in SAMPLING_FLAGS:
+        default = sampling_default(flag[2:].replace("-", "_"))
         if flag == "--stop":
             p.add_argument(flag, action="append", default=None, help=help_text)
         elif typ is bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from turboinfer.errors import InvalidRequestError
 
@@ -74,3 +74,17 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+# `turboinfer generate` and `chat` start from an interactive preset (longer replies, a little less randomness, as
+# Ollama's defaults do) instead of the API's; every other flag defaults to the field's own value. Kept here so that
+# every sampling default lives in this file.
+CLI_DEFAULTS = {"max_tokens": 256, "temperature": 0.7, "top_p": 0.9}
+
+
+def default(name: str):
+    """The default a front door uses for a sampling field it was not given (the CLI preset, else the field's)."""
+    if name in CLI_DEFAULTS:
+        return CLI_DEFAULTS[name]
+    f = next(f for f in fields(SamplingParams) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()

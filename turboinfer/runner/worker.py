@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from turboinfer import memory
-from turboinfer.config import EngineConfig, ModelArch, default_num_threads, parse_memory
+from turboinfer.config import EngineConfig, default_num_threads, parse_memory
 from turboinfer.engine.executor import EngineInfo
 from turboinfer.errors import InvalidRequestError
 from turboinfer.kv_cache.spec import bytes_per_seq, group_layers, max_len_that_fits, null_bytes, size_pools
@@ -20,6 +20,7 @@ from turboinfer.loader.model_loader import (check_quantization, init_dummy_weigh
                                             load_weights_into, quantize_loaded, resolve_for_load)
 from turboinfer.loader.resolve import ResolvedModel
 from turboinfer.memory.shapes import dtype_name
+from turboinfer.models.arch import ModelArch
 from turboinfer.models.registry import build_model
 from turboinfer.runner.model_runner import ModelRunner
 
