@@ -17,6 +17,7 @@ from turboinfer.runner.decode_backend import DecodeBackend, DecodeBatch
 from turboinfer.runner.kv_alloc import resident_bytes, zeroed
 from turboinfer.runner.request_state import RequestState, RequestStates
 from turboinfer.runner.sampler import Sampler, top_logprobs
+from turboinfer.runner.staging import to_device
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -79,7 +80,7 @@ class ModelRunner:
     def _tables(self, states: list[RequestState], gi: int) -> torch.Tensor:
         width = max(len(s.block_ids[gi]) for s in states)
         rows = [s.block_ids[gi] + [0] * (width - len(s.block_ids[gi])) for s in states]
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return to_device(rows, torch.int64, self.device)
 
     def prepare(self, seqs: list[ScheduledSeq]):
         """-> (input_ids, positions, metadata) for sequences in batch order (decodes first)."""
@@ -92,13 +93,12 @@ class ModelRunner:
             positions.extend(range(s.start_pos, s.end_pos))  # a request's row r holds its position r
             rows.extend(range(s.start_pos, s.end_pos))
         dev = self.device
-        rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)
-        seq_idx = torch.repeat_interleave(torch.arange(len(seqs), device=dev),
-                                          torch.tensor([s.num_new_tokens for s in seqs], device=dev))
+        rows_t = to_device(rows, torch.int64, dev)
+        seq_idx = to_device([i for i, s in enumerate(seqs) for _ in range(s.num_new_tokens)], torch.int64, dev)
         nd = sum(1 for s in seqs if s.is_decode)
         prefills = seqs[nd:]
         decode_lens = [s.end_pos for s in seqs[:nd]]
-        decode_seq_lens = torch.tensor(decode_lens, dtype=torch.int64, device=dev)
+        decode_seq_lens = to_device(decode_lens, torch.int64, dev)
         max_len = max(decode_lens, default=0)
         groups = []
         for gi, window in enumerate(self.windows):
@@ -110,8 +110,7 @@ class ModelRunner:
             ops=self.ops, num_decode_tokens=nd, decode_seq_lens=decode_seq_lens, decode_max_seq_len=max_len,
             prefill_query_lens=[s.num_new_tokens for s in prefills], prefill_seq_lens=[s.end_pos for s in prefills],
             groups=groups)
-        return torch.tensor(input_ids, dtype=torch.int64, device=dev), \
-            torch.tensor(positions, dtype=torch.int64, device=dev), meta
+        return to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
@@ -142,10 +141,10 @@ class ModelRunner:
             offset += s.num_new_tokens
         results = [SeqResult([]) for _ in seqs]
         if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+            logits = self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)]).float()
             sample_idx = [i for i, s in enumerate(seqs) if s.sample]
             if sample_idx:
-                last_rows = torch.tensor([spans[i][0] + spans[i][1] - 1 for i in sample_idx], device=self.device)
+                last_rows = to_device([spans[i][0] + spans[i][1] - 1 for i in sample_idx], torch.int64, self.device)
                 tokens, lps = self.sampler(logits[last_rows], [self.requests[seqs[i].request_id] for i in sample_idx])
                 for i, t, lp in zip(sample_idx, tokens, lps):
                     results[i].token_ids, results[i].logprobs = [t], None if lp is None else [lp]
@@ -184,5 +183,5 @@ class ModelRunner:
         n = min(s.num_new_tokens, st.num_prompt_tokens - 1 - s.start_pos)
         if n <= 0:
             return []
-        targets = torch.tensor(st.token_ids[s.start_pos + 1:s.start_pos + 1 + n], device=self.device)
+        targets = to_device(st.token_ids[s.start_pos + 1:s.start_pos + 1 + n], torch.int64, self.device)
         return top_logprobs(logits[:n].log_softmax(-1), targets, st.params.prompt_logprobs)

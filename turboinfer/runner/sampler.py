@@ -7,7 +7,8 @@ so its tokens do not depend on what else is in the batch. Logprobs are those of 
 distribution (before penalties and temperature), as vLLM and OpenAI report them.
 
 Which rows need which step is decided on the host from the requests' parameters, never by reading a device
-tensor back, so on a GPU the only synchronisation is the final copy of the sampled ids.
+tensor back, and per-row values reach the device by asynchronous copies (runner/staging.py), so on a GPU the only
+synchronisation is the final copy of the sampled ids.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from turboinfer.runner.request_state import RequestState
+from turboinfer.runner.staging import to_device
 
 
 def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[RequestState]) -> None:
@@ -23,11 +25,11 @@ def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[RequestState]) -
         req, p = reqs[i], reqs[i].params
         row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(req.token_ids, device=logits.device).clamp_(0, vocab - 1)
+            seen = to_device(req.token_ids, torch.int64, logits.device).clamp_(0, vocab - 1)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
-            out = torch.tensor(req.output_token_ids, device=logits.device)
+            out = to_device(req.output_token_ids, torch.int64, logits.device)
             counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
@@ -35,12 +37,12 @@ def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[RequestState]) -
 def _filter(logits: torch.Tensor, params: list, device: torch.device) -> torch.Tensor:
     # logits: [rows, vocab] already divided by temperature; returns them with excluded tokens at -inf
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
+        top_k = to_device([p.top_k for p in params], torch.int64, device)
+        top_p = to_device([p.top_p for p in params], torch.float32, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
         drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
@@ -93,10 +95,10 @@ class Sampler:
         tokens = logits.argmax(-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if random_rows:
-            idx = torch.tensor(random_rows, device=logits.device)
+            idx = to_device(random_rows, torch.int64, logits.device)
             sub = logits[idx]
             ps = [reqs[i].params for i in random_rows]
-            temp = torch.tensor([p.temperature for p in ps], device=logits.device)
+            temp = to_device([p.temperature for p in ps], torch.float32, logits.device)
             sub = _filter(sub / temp[:, None], ps, logits.device)
             probs = sub.softmax(-1)
             noise = torch.empty_like(probs)
@@ -112,7 +114,7 @@ class Sampler:
         if raw_logprobs is not None:
             rows = [i for i in range(n) if want_lp[i]]
             k = max(reqs[i].params.logprobs for i in rows)
-            idx = torch.tensor(rows, device=logits.device)
+            idx = to_device(rows, torch.int64, logits.device)
             dicts = top_logprobs(raw_logprobs[idx], tokens[idx], k)
             for i, d in zip(rows, dicts):
                 want = reqs[i].params.logprobs
