@@ -26,10 +26,10 @@ SAMPLING_FLAGS = [
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from turboinfer.sampling_params import default as sampling_default
+    from turboinfer.sampling_params import cli_default
 
     for flag, typ, help_text in SAMPLING_FLAGS:
-        default = sampling_default(flag[2:].replace("-", "_"))
+        default = cli_default(flag[2:].replace("-", "_"))
         if flag == "--stop":
             p.add_argument(flag, action="append", default=None, help=help_text)
         elif typ is bool:

@@ -82,8 +82,8 @@ class SamplingParams:
 CLI_DEFAULTS = {"max_tokens": 256, "temperature": 0.7, "top_p": 0.9}
 
 
-def default(name: str):
-    """The default a front door uses for a sampling field it was not given (the CLI preset, else the field's)."""
+def cli_default(name: str):
+    """The default the CLI uses for a sampling flag it was not given (its preset, else the field's)."""
     if name in CLI_DEFAULTS:
         return CLI_DEFAULTS[name]
     f = next(f for f in fields(SamplingParams) if f.name == name)

@@ -25,7 +25,8 @@ from turboinfer.server.formats import ChatFormat, CompletionFormat, ResponseForm
 from turboinfer.server.metrics import ServerMetrics
 from turboinfer.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "what fits"
+# /v1/completions defaults to SamplingParams' max_tokens (16, OpenAI's default too); chat to "what fits"
+COMPLETION_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
 def json_response(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
