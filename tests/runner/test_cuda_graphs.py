@@ -43,7 +43,7 @@ def test_graph_buffers_match_eager_step(tiny):
     runner = llm.engine.executor.worker.runner
     ref_tokens, ref_lps = generate(llm)
     graphs = DecodeGraphs(runner.model, runner.ops, runner.block_size, 4, 128, runner.windows, runner.device,
-                          capture=False)
+                          runner.dtype, capture=False)
     assert graphs.buckets == [1, 2, 4]
     calls = []
     runner.decode_graphs = Spy(graphs, calls)
@@ -62,7 +62,7 @@ def test_more_sequences_than_the_largest_bucket_run_eagerly(tiny):
     ref_tokens, _ = generate(llm, n=8)
     calls = []
     graphs = DecodeGraphs(runner.model, runner.ops, runner.block_size, 2, 128, runner.windows, runner.device,
-                          capture=False)
+                          runner.dtype, capture=False)
     runner.decode_graphs = Spy(graphs, calls)
     tokens, _ = generate(llm, n=8)
     assert tokens == ref_tokens

@@ -34,3 +34,4 @@ class AttentionMetadata:
     prefill_query_lens: list[int]  # per prefill sequence: new rows in this step
     prefill_seq_lens: list[int]  # per prefill sequence: cache rows including the new ones
     groups: list[KVGroupMetadata]  # indexed by each attention layer's kv_group
+    rope: list[tuple[torch.Tensor, torch.Tensor]]  # per rotary table (its table_id): cos, sin [num_tokens, 1, d/2]

@@ -70,16 +70,18 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None, max_pos: int
 
 
 class RotaryEmbedding(nn.Module):
+    """cos/sin tables of one RoPE variant, shared by every layer that uses it. The runner gathers each table's rows
+    for a step's positions once (`rope_for_step`) and passes them in the attention metadata, so the layers only
+    rotate; `table_id` is this table's index there (set by `index_rotaries`)."""
+
+    table_id = 0
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None) -> None:
         super().__init__()
         self.inv_freq, self.attn_factor = rope_inv_freq(head_dim, base, scaling, max_position)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.resize(max_position)
-        # Every layer shares this module: gather cos/sin once per step. Holding the positions tensor itself
-        # (not its id) guarantees a new step's tensor is never mistaken for the old one.
-        self._step_positions: torch.Tensor | None = None
-        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def resize(self, num_positions: int) -> None:
         """Tables for positions 0 .. num_positions - 1: the engine sizes them to the context it serves, which with RoPE
@@ -90,16 +92,30 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, self.inv_freq.to(device))  # [num_positions, head_dim // 2]
         self.cos = freqs.cos() * self.attn_factor
         self.sin = freqs.sin() * self.attn_factor
-        self._step_positions = self._step_cos_sin = None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, num_heads, head_dim]; q and k heads can go through together in one call
-        if positions is not self._step_positions or self._step_cos_sin[0].dtype != x.dtype:
-            cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [num_tokens, 1, head_dim // 2]
-            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-            self._step_positions, self._step_cos_sin = positions, (cos, sin)
-        cos, sin = self._step_cos_sin
+    def gather(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cos, sin), each [num_tokens, 1, head_dim // 2] in dtype, for these positions."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    def forward(self, x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        # x: [num_tokens, num_heads, head_dim]; q and k heads can go through together in one call.
+        # rope: the step's gathered tables (AttentionMetadata.rope), indexed by table_id.
+        cos, sin = rope[self.table_id]
         return _rotate(x, cos, sin)
+
+
+def index_rotaries(model: nn.Module) -> list[RotaryEmbedding]:
+    """The model's distinct rotary tables, in module order, each told its index into AttentionMetadata.rope."""
+    tables = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    for i, t in enumerate(tables):
+        t.table_id = i
+    return tables
+
+
+def rope_for_step(tables: list[RotaryEmbedding], positions: torch.Tensor,
+                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every table's rows for one step's positions (AttentionMetadata.rope); tables from index_rotaries."""
+    return [t.gather(positions, dtype) for t in tables]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
             qk = torch.cat([self.q_norm(qkv[:, :nh]), self.k_norm(qkv[:, nh:nh + nkv])], dim=1)
         else:
             qk = qkv[:, :nh + nkv]
-        qk = self.rotary(positions, qk)  # q and k heads rotated in one pass
+        qk = self.rotary(qk, meta.rope)  # q and k heads rotated in one pass, by the step's gathered tables
         o = self.attn(qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:], meta)  # [n, num_heads, head_dim]
         return self.o_proj(o.reshape(n, -1))
 

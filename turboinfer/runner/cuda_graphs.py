@@ -17,6 +17,7 @@ import time
 import torch
 
 from turboinfer.kernels.metadata import AttentionMetadata, KVGroupMetadata
+from turboinfer.layers.rotary import index_rotaries, rope_for_step
 from turboinfer.runner.decode_backend import DecodeBatch
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -24,9 +25,11 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, ops, block_size: int, max_batch: int, max_seq_len: int,
-                 windows: list[int | None], device: torch.device, capture: bool = True) -> None:
-        """windows: per KV group, its sliding window (None: full attention); each group has its own tables."""
-        self.model, self.ops, self.block_size = model, ops, block_size
+                 windows: list[int | None], device: torch.device, dtype: torch.dtype, capture: bool = True) -> None:
+        """windows: per KV group, its sliding window (None: full attention); each group has its own tables.
+        dtype: the activations' (the gathered rotary rows are cast to it)."""
+        self.model, self.ops, self.block_size, self.dtype = model, ops, block_size, dtype
+        self.rotaries = index_rotaries(model)
         self.max_seq_len = max_seq_len
         self.windows = windows
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
@@ -57,7 +60,8 @@ class DecodeGraphs:
             groups.append(KVGroupMetadata(self.slot_mapping[gi, :n], tables, tables[:0], plan))
         meta = AttentionMetadata(
             ops=self.ops, num_decode_tokens=n, decode_seq_lens=self.seq_lens[:n], decode_max_seq_len=self.max_seq_len,
-            prefill_query_lens=[], prefill_seq_lens=[], groups=groups)
+            prefill_query_lens=[], prefill_seq_lens=[], groups=groups,
+            rope=rope_for_step(self.rotaries, self.positions[:n], self.dtype))
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         return self.model.compute_logits(hidden)
 

@@ -11,6 +11,7 @@ from turboinfer.engine.batch import ModelOutput, ScheduledSeq, SchedulerOutput, 
 from turboinfer.kernels import get_ops
 from turboinfer.kernels.metadata import AttentionMetadata, KVGroupMetadata
 from turboinfer.kv_cache.spec import KVCacheGroup
+from turboinfer.layers.rotary import index_rotaries, rope_for_step
 from turboinfer.runner.cpu_decode import create_cpu_decoder
 from turboinfer.runner.cuda_graphs import DecodeGraphs
 from turboinfer.runner.decode_backend import DecodeBackend, DecodeBatch
@@ -28,6 +29,8 @@ class ModelRunner:
                  max_seq_len: int | None = None, cuda_graphs: bool = False) -> None:
         """kv_groups: sized groups (kv_cache/spec.py); each layer's cache takes its group's block count and dtype."""
         self.model = model
+        self.dtype = dtype
+        self.rotaries = index_rotaries(model)
         self.device = device
         self.block_size = block_size
         self.ops = get_ops(attention_backend)
@@ -60,7 +63,7 @@ class ModelRunner:
         self.decode_graphs = None
         if cuda_graphs:
             self.decode_graphs = DecodeGraphs(model, self.ops, block_size, max_num_seqs, max_seq_len or max_rows,
-                                              self.windows, device)
+                                              self.windows, device, dtype)
             self.decode_graphs.capture()
 
     @property
@@ -106,11 +109,12 @@ class ModelRunner:
             slots = tables[seq_idx, rows_t // self.block_size] * self.block_size + rows_t % self.block_size
             plan = self.ops.plan_decode(tables[:nd], decode_seq_lens, max_len, self.block_size, window) if nd else None
             groups.append(KVGroupMetadata(slots, tables[:nd], tables[nd:], plan))
+        positions_t = to_device(positions, torch.int64, dev)
         meta = AttentionMetadata(
             ops=self.ops, num_decode_tokens=nd, decode_seq_lens=decode_seq_lens, decode_max_seq_len=max_len,
             prefill_query_lens=[s.num_new_tokens for s in prefills], prefill_seq_lens=[s.end_pos for s in prefills],
-            groups=groups)
-        return to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta
+            groups=groups, rope=rope_for_step(self.rotaries, positions_t, self.dtype))
+        return to_device(input_ids, torch.int64, dev), positions_t, meta
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:

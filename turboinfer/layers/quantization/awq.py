@@ -132,6 +132,7 @@ def prefill_batch(model: nn.Module, num_tokens: int) -> tuple:
     caches calibration_caches installed (num_tokens at most their block size)."""
     from turboinfer.kernels import get_ops
     from turboinfer.kernels.metadata import AttentionMetadata, KVGroupMetadata
+    from turboinfer.layers.rotary import index_rotaries, rope_for_step
 
     n = num_tokens
     layers = model.attention_layers()
@@ -143,10 +144,12 @@ def prefill_batch(model: nn.Module, num_tokens: int) -> tuple:
     group = KVGroupMetadata(slot_mapping=torch.arange(block, block + n, device=device),
                             decode_block_tables=empty.view(0, 1),
                             prefill_block_tables=torch.ones(1, 1, dtype=torch.int64, device=device))
+    positions = torch.arange(n, device=device)
     meta = AttentionMetadata(ops=get_ops("torch"), num_decode_tokens=0, decode_seq_lens=empty, decode_max_seq_len=0,
                              prefill_query_lens=[n], prefill_seq_lens=[n],
-                             groups=[group] * (1 + max(a.kv_group for a in layers)))  # one temporary cache each
-    return torch.arange(n, device=device), meta
+                             groups=[group] * (1 + max(a.kv_group for a in layers)),  # one temporary cache each
+                             rope=rope_for_step(index_rotaries(model), positions, model.model.norm.weight.dtype))
+    return positions, meta
 
 
 def search_scale(w: torch.Tensor, stats: InputStats, group_size: int) -> torch.Tensor:
