@@ -16,6 +16,7 @@ from turboinfer import LLM, SamplingParams
 from turboinfer.kernels import cpu as cpu_kernels
 from turboinfer.layers.quantization.q4 import Int4CPUMethod
 from turboinfer.runner import cpu_decode
+from turboinfer.runner.decode_backend import DecodeBatch
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of France. Hello, world! How are", "def f"]
 # Layer widths multiples of 64; head sizes 16 (general loop), 64 and 128 (register-tiled attention, 2 and 4 query
@@ -142,6 +143,33 @@ def test_portable_build_matches_vectorised(tmp_path_factory):
         # Each call writes the new token's K/V into the same slot, with the same values.
         batch = runner.decode_batch([ScheduledSeq("probe", len(ids), 1, True, False)])
         torch.testing.assert_close(portable(batch), fast(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_positions_are_not_rows(tiny):
+    """The new token's K/V go to row seq_lens - 1 whatever its position (KV eviction and SUBLLM make the two
+    differ): with positions shifted past the rows, the C step equals the PyTorch path given the same batch."""
+    from turboinfer.bench.probe import PROBE, prefill, probe_request
+    from turboinfer.runner.cuda_graphs import DecodeGraphs
+
+    llm = load(tiny, "float32")
+    runner = llm.engine.executor.worker.runner
+    dec = runner.cpu_decoder
+    eager = DecodeGraphs(runner.model, runner.ops, runner.block_size, 1, 64, runner.windows, torch.device("cpu"),
+                         torch.float32, capture=False)
+    ids = llm.get_tokenizer().encode(PROMPTS[0])
+    n = len(ids)
+    with probe_request(llm, ids + [7], n + 1):
+        prefill(runner, n)
+        tables = [[runner.requests[PROBE].block_ids[0]]]  # one KV group, one sequence
+        shifted = DecodeBatch.build([7], [n + 9], [n], tables, runner.block_size)
+        same = DecodeBatch.build([7], [n], [n], tables, runner.block_size)
+        got, want = dec(shifted), eager(shifted)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
+        assert (got - dec(same)).abs().max() > 1e-3  # the position did change the result
+        past = runner.model.model.layers[0].self_attn.rotary.cos.shape[0]
+        bad = DecodeBatch.build([7], [past], [n], tables, runner.block_size)
+        with pytest.raises(RuntimeError, match="rotary table"):
+            dec(bad)
 
 
 def test_switch_and_unsupported_models(tiny, monkeypatch):

@@ -22,15 +22,32 @@ from turboinfer.runner.decode_backend import DecodeBatch
 log = logging.getLogger("turboinfer")
 
 MAX_BATCH = 64  # decode batches up to this size (measured faster than the PyTorch path up to 64 on 2 cores)
-# Index names shared with decode.c (its D_* and P_* enums)
+# The Python side of kernels/cpu/ti_decode.h: index names (its D_*, P_*, G_*, META_*, F_* enums) and enum values.
+# The loader compares them with the library's ti_interface() and refuses a library that disagrees.
 DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size", "window",
-        "bf16", "has_bias", "logits", "max_seq", "kv_kind", "logits_group")
-LOGITS_NONE, LOGITS_Q8, LOGITS_INT8 = 0, 1, 2  # decode.c's: how the step computes the logits
-KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+        "bf16", "has_bias", "logits", "max_seq", "kv_kind", "logits_group", "rope_rows")
+LOGITS_NONE, LOGITS_Q8, LOGITS_INT8 = 0, 1, 2  # how the step computes the logits (dims "logits")
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the KV cache's dtype (dims "kv_kind")
 LAYER_PTRS = ("in_norm", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "post_norm", "gu_w", "gu_s", "down_w", "down_s",
               "k_cache", "v_cache", "k_scale", "v_scale", "qkv_is", "o_is", "gu_is", "down_is",
               "qkv_z", "o_z", "gu_z", "down_z", "lin_meta", "qkv2_w", "qkv2_s", "qkv2_z", "gu2_w", "gu2_s", "gu2_z")
-LIN_INT4, LIN_INT8 = 0, 1  # decode.c's LIN_* formats
+GLOBAL_PTRS = ("final_norm", "cos", "sin", "emb_codes", "emb_scales", "emb_zeros")  # after every layer's pointers
+LIN_INT4, LIN_INT8 = 0, 1  # a linear layer's weight format (lin_meta "*_format")
+LIN_META = ("qkv_format", "qkv_group", "o_format", "o_group", "gu_format", "gu_group", "down_format", "down_group",
+            "qkv2_rows", "qkv2_format", "qkv2_group", "gu2_rows", "gu2_format", "gu2_group")  # a layer's lin_meta
+FPARAMS = ("eps", "attn_scale")
+
+
+def c_interface() -> dict[str, str]:
+    """These declarations as ti_interface() spells the library's: key -> names in index (value) order."""
+    def by_value(values: dict[str, int]) -> str:
+        names = {v: n for n, v in values.items()}
+        return ",".join(names.get(i, "?") for i in range(max(values.values()) + 1))
+
+    return {"dims": ",".join(DIMS), "logits": by_value({"none": LOGITS_NONE, "q8": LOGITS_Q8, "int8": LOGITS_INT8}),
+            "kv_kinds": by_value({str(dt).removeprefix("torch."): v for dt, v in KV_KINDS.items()}),
+            "lin_formats": by_value({"int4": LIN_INT4, "int8": LIN_INT8}), "layer_ptrs": ",".join(LAYER_PTRS),
+            "global_ptrs": ",".join(GLOBAL_PTRS), "lin_meta": ",".join(LIN_META), "fparams": ",".join(FPARAMS)}
 
 
 def _int4pack_layout_ok() -> bool:
@@ -46,11 +63,12 @@ def accepts(model: torch.nn.Module, kv_dtype: torch.dtype, dtype: torch.dtype) -
     """None when the C step can run this model, else the reason it cannot."""
     from turboinfer.layers.quantization.grouped_int8 import GroupedInt8CPUMethod
     from turboinfer.layers.quantization.q4 import Int4CPUMethod
+    from turboinfer.models.registry import family_of
 
     arch = getattr(model, "arch", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if arch is None or layers is None or not hasattr(layers[0], "mlp"):
-        return "not a Llama-family model"
+    if arch is None or not family_of(arch).has_c_decode_step:
+        return "the model family has no whole-step C decode path"
+    layers = model.model.layers
     if dtype not in (torch.float32, torch.bfloat16) or kv_dtype not in (dtype, torch.int8):
         return f"activations {dtype} / KV cache {kv_dtype} (needs float32 or bfloat16; KV the same or int8)"
     if arch.hidden_act != "silu" or arch.qk_norm or arch.head_dim % 2 or arch.head_dim > 256:
@@ -102,7 +120,7 @@ class CPUDecoder:
                  window=arch.sliding_window or 0,
                  bf16=int(dtype == torch.bfloat16), has_bias=int(attn0.qkv_proj.bias is not None),
                  logits=logits_mode, max_seq=max_seq_len, kv_kind=KV_KINDS[attn0.attn.k_cache.dtype],
-                 logits_group=logits_group)
+                 logits_group=logits_group, rope_rows=attn0.rotary.cos.shape[0])
         self.dims = torch.tensor([d[name] for name in DIMS], dtype=torch.int64)
         self.fparams = torch.tensor([arch.rms_norm_eps, attn0.attn.scale], dtype=torch.float32)
         self.vocab = arch.vocab_size
@@ -186,7 +204,7 @@ class CPUDecoder:
                                      tables.shape[1], logits.data_ptr() if logits is not None else None,
                                      self.work.data_ptr(), nthreads)
         if rc != 0:
-            raise RuntimeError("CPU decode step: a position is past the cache or out of order")
+            raise RuntimeError("CPU decode step: a sequence length is past the cache or a position past the rotary table")
         if logits is None:
             logits = self.model.compute_logits(x.to(self.model.model.norm.weight.dtype)).float()
         return logits

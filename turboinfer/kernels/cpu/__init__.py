@@ -1,9 +1,12 @@
-"""C kernels for the CPU decode step (decode.c), compiled on first use with the system C compiler.
+"""C kernels for the CPU decode step, compiled on first use with the system C compiler.
 
-The library is built for this machine's CPU (-march=native) into ~/.cache/turboinfer/kernels under a name that
-hashes the source, the flags, the compiler and the CPU's feature flags, so a change to any of them rebuilds it and
-a cache shared between machines never hands one CPU another's binary. Without a compiler the engine runs the
-PyTorch path and says why once. The library brings its own small thread pool (pthreads), asleep between steps."""
+decode.c is the one translation unit: it #includes ti_decode.h (the interface) and the parts (pool.c, ops.c,
+matmul_int4.c, matmul_int8.c, attention.c, step.c). The library is built for this machine's CPU (-march=native)
+into ~/.cache/turboinfer/kernels under a name that hashes every source file, the flags, the compiler and the CPU's
+feature flags, so a change to any of them rebuilds it and a cache shared between machines never hands one CPU
+another's binary. A library whose ti_interface() disagrees with the Python declaration (runner/cpu_decode.py's
+constants, ABI_VERSION here) is refused. Without a compiler, or refused, the engine runs the PyTorch path and says
+why once. The library brings its own small thread pool (pthreads), asleep between steps."""
 
 from __future__ import annotations
 
@@ -18,11 +21,18 @@ from pathlib import Path
 
 log = logging.getLogger("turboinfer")
 
-SOURCE = Path(__file__).with_name("decode.c")
+SOURCE = Path(__file__).with_name("decode.c")  # the unity file: the one the compiler is given
+ABI_VERSION = 1  # ti_decode.h's TI_ABI_VERSION: the entry points' arguments, as _build declares them below
 FLAGS = ("-O3", "-march=native", "-pthread", "-fPIC", "-shared", "-std=gnu11")
 ENV_SWITCH = "TURBOINFER_CPU_KERNELS"  # "0" turns the C decode path off
 
 _cache: dict[tuple[str, ...], ctypes.CDLL | None] = {}
+_logged: set[str] = set()  # refusals already logged
+
+
+def sources() -> list[Path]:
+    """Every file the build reads: decode.c and what it includes (the .c and .h files beside it)."""
+    return sorted(p for p in SOURCE.parent.iterdir() if p.suffix in (".c", ".h"))
 
 
 def _cpu_flags() -> str:
@@ -45,28 +55,72 @@ def enabled() -> bool:
 
 
 def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """The compiled decode library, or None (with one log line saying why) when it cannot be built."""
+    """The compiled decode library, or None (with one log line saying why) when it cannot be built or does not
+    match its Python declaration."""
     key = tuple(extra_flags)
-    if key in _cache:
-        return _cache[key]
-    lib = None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler found: the CPU decode step runs on the PyTorch path")
-    else:
-        try:
-            lib = _build(compiler, FLAGS + key)
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            log.warning("building the CPU decode kernels failed, using the PyTorch path: %s", detail[-500:])
-    _cache[key] = lib
+    if key not in _cache:
+        _cache[key] = _compile(key)
+    lib = _cache[key]
+    reason = None if lib is None else interface_mismatch(lib)
+    if reason is not None:  # checked on every call: the declaration is Python's, and tests change it
+        _log_once(f"the CPU decode library does not match its Python declaration, using the PyTorch path: {reason}")
+        return None
     return lib
 
 
-def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+def _compile(key: tuple[str, ...]) -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: the CPU decode step runs on the PyTorch path")
+        return None
+    try:
+        return _build(compiler, FLAGS + key)
+    except (OSError, AttributeError, subprocess.CalledProcessError) as e:  # AttributeError: an entry point missing
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("building the CPU decode kernels failed, using the PyTorch path: %s", detail[-500:])
+        return None
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning("%s", message)
+
+
+def interface_mismatch(lib: ctypes.CDLL) -> str | None:
+    """None when the library's ti_interface() lists what Python declares, else the first difference, named.
+    Its text is one "key name,name,..." line per enum of ti_decode.h, a name's index being its value."""
+    from turboinfer.runner import cpu_decode  # the Python declaration (imported here: that module imports this one)
+
+    want = {"abi": str(ABI_VERSION), **cpu_decode.c_interface()}
+    got = dict(line.split(" ", 1) for line in lib.ti_interface().decode().splitlines())
+    for key in sorted(want.keys() | got.keys()):
+        w, g = want.get(key), got.get(key)
+        if w == g:
+            continue
+        if w is None or g is None:
+            return f"{key!r} is declared only by {'Python' if g is None else 'the library'}"
+        wl, gl = w.split(","), g.split(",")
+        i = next((i for i, (a, b) in enumerate(zip(wl, gl)) if a != b), min(len(wl), len(gl)))
+        return (f"{key}[{i}] is {_entry(gl, i)} in the library but {_entry(wl, i)} in Python "
+                f"({len(gl)} against {len(wl)} entries; the library's: {g})")
+    return None
+
+
+def _entry(names: list[str], i: int) -> str:
+    return repr(names[i]) if i < len(names) else "nothing"
+
+
+def library_path(compiler: str, flags: tuple[str, ...]) -> Path:
+    """Where the build of these sources, flags, compiler and CPU is cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    digest = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
-    target = _cache_dir() / f"decode-{digest.hexdigest()[:16]}.so"
+    text = [f"{p.name}\n{p.read_text()}" for p in sources()]
+    digest = hashlib.sha256("\n".join([*text, " ".join(flags), version, _cpu_flags()]).encode())
+    return _cache_dir() / f"decode-{digest.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    target = library_path(compiler, flags)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: processes compiling at once never load a half-written file.
@@ -80,12 +134,16 @@ def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
+    lib.ti_interface.restype = ctypes.c_char_p
+    lib.ti_interface.argtypes = []
     lib.ti_workspace_floats.restype = ctypes.c_size_t
     lib.ti_workspace_floats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.ti_decode_step.restype = ctypes.c_int
     lib.ti_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int]
+    lib.ti_int8_workspace_floats.restype = ctypes.c_size_t
+    lib.ti_int8_workspace_floats.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.ti_int8_matmul.restype = ctypes.c_int
     lib.ti_int8_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -118,7 +176,7 @@ def grouped_int8_matmul(lib: ctypes.CDLL, x, w, nthreads: int):
     n = w.shape[0]
     x = x.float().contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    work = torch.empty(m * (k // 2 + k // 16 + 2) + 1, dtype=torch.float32)
+    work = torch.empty(lib.ti_int8_workspace_floats(m, k), dtype=torch.float32)
     rc = lib.ti_int8_matmul(x.data_ptr(), m, k, n, w.group_size, w.q.data_ptr(), w.scale.data_ptr(),
                             None if w.zero is None else w.zero.data_ptr(), y.data_ptr(), work.data_ptr(), nthreads)
     if rc != 0:
